@@ -1,0 +1,3 @@
+from vllm_adaptive.patches import index_markdown
+
+print(index_markdown())

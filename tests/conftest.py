@@ -1,0 +1,63 @@
+"""Shared fixtures. Engines are expensive (~30-90 s to start), so engine tests
+run each configuration once per session in a subprocess (tests/engine_runner.py)
+and share the results."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+# Triton kernels run under the interpreter on machines without a GPU. Triton's
+# own standard library (tl.sum, tl.cdiv, ...) is jitted when triton is first
+# imported, so the switch must be set before anything imports triton (vLLM
+# does). Engine and server subprocesses get it removed from their environment.
+if not torch.cuda.is_available():
+    os.environ["TRITON_INTERPRET"] = "1"
+
+ROOT = Path(__file__).resolve().parent.parent
+RUNNER = Path(__file__).resolve().parent / "engine_runner.py"
+
+
+@pytest.fixture
+def triton_interpret():
+    """Triton tests need a GPU or the interpreter (set above)."""
+    from vllm_adaptive.kernels import _triton
+
+    if not (torch.cuda.is_available() or _triton.interpreting()):
+        pytest.skip("no GPU and TRITON_INTERPRET is not set")
+
+
+@pytest.fixture(scope="session")
+def model_path() -> str:
+    from vllm_adaptive.model import default_model_path
+
+    return str(default_model_path())
+
+
+def engine_env() -> dict:
+    env = dict(os.environ)
+    env.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
+    env.pop("TRITON_INTERPRET", None)
+    return env
+
+
+def run_engine(spec: dict, timeout: int = 900) -> dict:
+    """Start an engine in a fresh process, generate, return its JSON result."""
+    env = engine_env()
+    # lets the runner ask the worker which backend each layer really uses
+    env["VLLM_ALLOW_INSECURE_SERIALIZATION"] = "1"
+    proc = subprocess.run(
+        [sys.executable, str(RUNNER), json.dumps(spec)],
+        capture_output=True, text=True, timeout=timeout, env=env, cwd=ROOT,
+    )
+    lines = [l for l in proc.stdout.splitlines() if l.startswith("RESULT ")]
+    if proc.returncode != 0 or not lines:
+        tail = (proc.stdout + proc.stderr)[-6000:]
+        raise AssertionError(f"engine run failed (rc={proc.returncode}) for {spec}:\n{tail}")
+    return json.loads(lines[-1][len("RESULT "):])

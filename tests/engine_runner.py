@@ -1,0 +1,69 @@
+"""Run one offline engine configuration and print its result as JSON.
+
+Usage: python tests/engine_runner.py '{"backend": "ADAPTIVE", ...}'
+
+Kept out of the pytest process so every configuration gets a fresh vLLM
+(EngineCore and worker processes included) and its memory back afterwards.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+
+
+def main() -> None:
+    spec = json.loads(sys.argv[1])
+    from vllm import LLM, SamplingParams
+
+    from vllm_adaptive.model import default_model_path
+
+    kwargs = dict(
+        model=str(default_model_path()),
+        dtype=spec.get("dtype", "float32"),
+        max_model_len=spec.get("max_model_len", 4096),
+        block_size=spec.get("block_size", 32),
+        enable_chunked_prefill=True,
+        max_num_batched_tokens=spec.get("max_num_batched_tokens", 256),
+        max_num_seqs=spec.get("max_num_seqs", 16),
+        enforce_eager=spec.get("enforce_eager", True),
+        seed=0,
+    )
+    if spec.get("backend"):
+        kwargs["attention_backend"] = spec["backend"]
+    if "adaptive_attention" in spec:
+        kwargs["hf_overrides"] = {"adaptive_attention": spec["adaptive_attention"]}
+    t0 = time.time()
+    llm = LLM(**kwargs)
+    start_s = time.time() - t0
+    layer_backends = _backend_names(llm)
+    params = SamplingParams(temperature=0, max_tokens=spec.get("max_tokens", 64), ignore_eos=True)
+    outs = llm.generate(spec["prompts"], params, use_tqdm=False)
+    result = {
+        "start_s": start_s,
+        "backends": layer_backends,
+        "token_ids": [list(o.outputs[0].token_ids) for o in outs],
+        "prompt_lens": [len(o.prompt_token_ids) for o in outs],
+        "texts": [o.outputs[0].text for o in outs],
+    }
+    print("RESULT " + json.dumps(result), flush=True)
+
+
+def _backend_names(llm) -> list[str]:
+    """Attention backend class of each layer, read inside the worker."""
+
+    def names(worker):
+        from vllm.model_executor.layers.attention import Attention
+
+        model = worker.model_runner.model
+        return sorted({m.attn_backend.get_name() for m in model.modules() if isinstance(m, Attention)})
+
+    try:
+        return llm.collective_rpc(names)[0]
+    except Exception as e:  # noqa: BLE001 - diagnostic only
+        return [f"unknown: {e!r}"]
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,104 @@
+"""The README's serve command: OpenAI-compatible server on loopback, real
+``openai`` client, a completion and a streamed chat completion; bad requests
+get HTTP errors and the server stays up."""
+
+from __future__ import annotations
+
+import socket
+import subprocess
+import sys
+import time
+
+import pytest
+
+from conftest import ROOT, engine_env
+
+pytestmark = pytest.mark.server
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    import requests
+
+    port = _free_port()
+    log_path = tmp_path_factory.mktemp("server") / "server.log"
+    log = open(log_path, "w")
+    cmd = [sys.executable, "-m", "vllm_adaptive.cli", "serve", "--port", str(port),
+           "--max-model-len", "2048", "--enforce-eager", "--max-num-seqs", "8"]
+    proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, cwd=ROOT, env=engine_env())
+    base = f"http://127.0.0.1:{port}"
+    deadline = time.time() + 600
+    try:
+        while True:
+            if proc.poll() is not None:
+                raise AssertionError(f"server exited rc={proc.returncode}:\n{log_path.read_text()[-5000:]}")
+            try:
+                if requests.get(base + "/health", timeout=2).status_code == 200:
+                    break
+            except requests.RequestException:
+                pass
+            if time.time() > deadline:
+                raise AssertionError(f"server not healthy in time:\n{log_path.read_text()[-5000:]}")
+            time.sleep(2)
+        yield base, log_path
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+        log.close()
+
+
+@pytest.fixture(scope="module")
+def client(server):
+    import openai
+
+    return openai.OpenAI(base_url=server[0] + "/v1", api_key="unused", max_retries=0, timeout=120)
+
+
+def test_server_uses_adaptive(server):
+    text = server[1].read_text()
+    assert "Using ADAPTIVE attention backend on CPU" in text
+    assert "adaptive_attention=" in text
+
+
+def test_completion(client):
+    r = client.completions.create(model="smollm2", prompt="The capital of France is",
+                                  max_tokens=8, temperature=0)
+    assert r.choices[0].text.strip()
+    assert r.usage.completion_tokens == 8 or r.choices[0].finish_reason == "stop"
+
+
+def test_streamed_chat(client):
+    stream = client.chat.completions.create(
+        model="smollm2", messages=[{"role": "user", "content": "Name a colour."}],
+        max_tokens=16, temperature=0, stream=True,
+    )
+    pieces = [c.choices[0].delta.content or "" for c in stream if c.choices]
+    assert len(pieces) >= 2
+    assert "".join(pieces).strip()
+
+
+def test_bad_requests_get_http_errors_and_server_survives(server, client):
+    import openai
+    import requests
+
+    with pytest.raises(openai.BadRequestError):
+        client.completions.create(model="smollm2", prompt="hi", max_tokens=-1)
+    with pytest.raises(openai.NotFoundError):
+        client.completions.create(model="no-such-model", prompt="hi", max_tokens=4)
+    with pytest.raises(openai.BadRequestError):
+        client.completions.create(model="smollm2", prompt="word " * 5000, max_tokens=4)
+    bad_json = requests.post(server[0] + "/v1/completions", data="{not json",
+                             headers={"Content-Type": "application/json"}, timeout=30)
+    assert 400 <= bad_json.status_code < 500
+    assert requests.get(server[0] + "/health", timeout=10).status_code == 200
+    r = client.completions.create(model="smollm2", prompt="1, 2, 3,", max_tokens=4, temperature=0)
+    assert r.choices[0].text

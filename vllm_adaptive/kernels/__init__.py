@@ -1,0 +1,13 @@
+"""Attention kernels on the plugin's own paged layout.
+
+One file per kernel family; each has a launcher that validates its inputs and
+is tested against ``vllm_adaptive.reference``:
+
+- ``torch_paged``: the torch path (CPU, any device), cache write + attention.
+- ``cache_write``: Triton KV-cache write.
+- ``paged_prefill``: Triton causal paged attention for any query lengths.
+- ``paged_decode``: Triton split-KV paged attention, one query per request.
+
+Triton modules import triton lazily and jit on first launch, so this package
+imports on machines without a GPU.
+"""

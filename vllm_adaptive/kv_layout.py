@@ -1,0 +1,24 @@
+"""How the plugin reads vLLM's per-layer KV page.
+
+vLLM hands each layer ``kv_cache`` of logical shape ``[num_blocks,
+num_kv_heads, block_size, 2 * head_size]`` (LBHNC, the only layout the backend
+declares). As CPU_ATTN does, each (block, head) page is read as
+``2 * block_size`` rows of ``head_size``: the first ``block_size`` rows hold K,
+the rest V. Both halves come back as strided views
+``[num_blocks, num_kv_heads, block_size, head_size]``; nothing is copied.
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+def split_kv_cache(kv_cache: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    if kv_cache.dim() != 4 or kv_cache.shape[-1] % 2:
+        raise ValueError(
+            "kv_cache: expected [num_blocks, num_kv_heads, block_size, 2 * head_size], "
+            f"got shape {tuple(kv_cache.shape)}"
+        )
+    num_blocks, num_kv_heads, block_size, two_d = kv_cache.shape
+    pages = kv_cache.view(num_blocks, num_kv_heads, 2 * block_size, two_d // 2)
+    return pages[:, :, :block_size], pages[:, :, block_size:]

@@ -1,0 +1,98 @@
+"""Slow, obviously-right torch references. Every kernel is tested against these.
+
+Paged KV layout used by the plugin's own kernels (torch path and Triton):
+
+    key_cache    [num_blocks, num_kv_heads, block_size, head_size]
+    value_cache  [num_blocks, num_kv_heads, block_size, head_size]
+
+(strided views of vLLM's per-layer page ``[num_blocks, num_kv_heads, block_size,
+2 * head_size]``: the first ``block_size * head_size`` elements of each
+(block, head) page are K, the next ones V; see ``kv_layout.split_kv_cache``).
+
+Lengths, per request r (fixed once here; see also ``metadata.AdaptiveMetadata``)::
+
+    |<------------------- seq_len ------------------->|
+    |<------- context_len ------->|<--- query_len --->|
+     tokens already in the cache    tokens of this step (their KV is written
+                                    to the cache before attention runs)
+
+    query token i sits at position context_len + i and attends to key
+    positions 0 .. context_len + i (causal).
+
+``query_start_loc[r] : query_start_loc[r + 1]`` are request r's rows of
+``query``; ``block_table[r, j]`` holds positions ``j*block_size ..
+(j+1)*block_size - 1`` of request r.
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+def write_kv_cache_ref(
+    key: torch.Tensor,  # [num_tokens, num_kv_heads, head_size]
+    value: torch.Tensor,  # [num_tokens, num_kv_heads, head_size]
+    key_cache: torch.Tensor,  # [num_blocks, num_kv_heads, block_size, head_size]
+    value_cache: torch.Tensor,  # [num_blocks, num_kv_heads, block_size, head_size]
+    slot_mapping: torch.Tensor,  # [num_tokens], -1 = padding, skip
+) -> None:
+    block_size = key_cache.shape[2]
+    for t in range(slot_mapping.shape[0]):
+        slot = int(slot_mapping[t])
+        if slot < 0:
+            continue
+        blk, off = divmod(slot, block_size)
+        key_cache[blk, :, off, :] = key[t]
+        value_cache[blk, :, off, :] = value[t]
+
+
+def gather_request_kv(
+    cache: torch.Tensor,  # [num_blocks, num_kv_heads, block_size, head_size]
+    block_table_row: torch.Tensor,  # [max_blocks_per_req]
+    seq_len: int,
+) -> torch.Tensor:  # [seq_len, num_kv_heads, head_size]
+    block_size = cache.shape[2]
+    rows = []
+    for pos in range(seq_len):
+        blk = int(block_table_row[pos // block_size])
+        rows.append(cache[blk, :, pos % block_size, :])
+    return torch.stack(rows, dim=0)
+
+
+def paged_attention_ref(
+    query: torch.Tensor,  # [num_tokens, num_heads, head_size]
+    key_cache: torch.Tensor,  # [num_blocks, num_kv_heads, block_size, head_size]
+    value_cache: torch.Tensor,  # [num_blocks, num_kv_heads, block_size, head_size]
+    block_table: torch.Tensor,  # [num_reqs, max_blocks_per_req]
+    query_start_loc: torch.Tensor,  # [num_reqs + 1]
+    seq_lens: torch.Tensor,  # [num_reqs]
+    scale: float,
+) -> torch.Tensor:  # [num_tokens, num_heads, head_size], query's dtype
+    """Causal paged attention, one request and one head at a time, in float32."""
+    num_heads = query.shape[1]
+    num_kv_heads = key_cache.shape[1]
+    if num_heads % num_kv_heads:
+        raise ValueError(
+            f"num_heads ({num_heads}) must be a multiple of num_kv_heads ({num_kv_heads})"
+        )
+    group = num_heads // num_kv_heads
+    out = torch.zeros_like(query)
+    for r in range(seq_lens.shape[0]):
+        q0, q1 = int(query_start_loc[r]), int(query_start_loc[r + 1])
+        query_len = q1 - q0
+        if query_len == 0:
+            continue
+        seq_len = int(seq_lens[r])
+        context_len = seq_len - query_len
+        k = gather_request_kv(key_cache, block_table[r], seq_len).float()
+        v = gather_request_kv(value_cache, block_table[r], seq_len).float()
+        q_pos = context_len + torch.arange(query_len)
+        k_pos = torch.arange(seq_len)
+        visible = k_pos[None, :] <= q_pos[:, None]  # [query_len, seq_len]
+        for h in range(num_heads):
+            kvh = h // group
+            scores = (query[q0:q1, h].float() @ k[:, kvh].T) * scale
+            scores = scores.masked_fill(~visible, float("-inf"))
+            probs = torch.softmax(scores, dim=-1)
+            out[q0:q1, h] = (probs @ v[:, kvh]).to(query.dtype)
+    return out
