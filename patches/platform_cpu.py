@@ -41,7 +41,7 @@ def apply() -> None:
             check_selectable(attn_selector_config)
             from vllm.logger import init_logger
 
-            init_logger(__name__).info_once("Using %s attention backend on CPU.", BACKEND_NAME)
+            init_logger("vllm.adaptive").info_once("Using %s attention backend on CPU.", BACKEND_NAME)
             return f"{AdaptiveBackend.__module__}.{AdaptiveBackend.__qualname__}"
         return original.__func__(cls, selected_backend, attn_selector_config, num_heads)
 

@@ -48,7 +48,8 @@ from vllm_adaptive.config import (
 )
 from vllm_adaptive.kv_layout import split_kv_cache
 
-logger = init_logger(__name__)
+# Under the "vllm" logger so vLLM's handler and log level apply to our lines.
+logger = init_logger("vllm.adaptive")
 
 
 def kernel_path(cfg: AdaptiveConfig, kind: str, device_type: str) -> str:
