@@ -37,7 +37,7 @@ def run_one(spec: dict) -> dict:
     L, B, N = spec["length"], spec["batch"], spec["decode_tokens"]
     llm = LLM(
         model=str(default_model_path()), attention_backend=spec["backend"],
-        dtype=spec["dtype"], max_model_len=L + N + 16, max_num_seqs=B,
+        dtype=spec["dtype"], max_model_len=min(8192, L + N + 16), max_num_seqs=B,
         max_num_batched_tokens=spec["chunk"], enable_prefix_caching=True, seed=0,
     )
     import random

