@@ -36,12 +36,10 @@ def apply() -> None:
         from vllm_adaptive import BACKEND_NAME
 
         if selected_backend is not None and selected_backend.name == BACKEND_NAME:
-            from vllm_adaptive.backend import AdaptiveBackend, check_selectable
+            from vllm_adaptive.backend import AdaptiveBackend, check_selectable, logger
 
             check_selectable(attn_selector_config)
-            from vllm.logger import init_logger
-
-            init_logger("vllm.adaptive").info_once("Using %s attention backend on CPU.", BACKEND_NAME)
+            logger.info_once("Using %s attention backend on CPU.", BACKEND_NAME)
             return f"{AdaptiveBackend.__module__}.{AdaptiveBackend.__qualname__}"
         return original.__func__(cls, selected_backend, attn_selector_config, num_heads)
 
