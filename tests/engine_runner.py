@@ -39,7 +39,13 @@ def main() -> None:
     start_s = time.time() - t0
     layer_backends = _backend_names(llm)
     params = SamplingParams(temperature=0, max_tokens=spec.get("max_tokens", 64), ignore_eos=True)
-    outs = llm.generate(spec["prompts"], params, use_tqdm=False)
+    if spec.get("sequential"):
+        # One request per step batch: rules out timing-dependent batch
+        # composition (requests reach EngineCore asynchronously), which in
+        # bf16 can change GEMM shapes and so flip near-tied greedy tokens.
+        outs = [llm.generate([p], params, use_tqdm=False)[0] for p in spec["prompts"]]
+    else:
+        outs = llm.generate(spec["prompts"], params, use_tqdm=False)
     result = {
         "start_s": start_s,
         "backends": layer_backends,

@@ -80,7 +80,11 @@ def test_config_key_alone_selects_adaptive():
 
 
 def test_bf16_vllm_cpu_path_identical_to_stock():
-    """Same CPU ops on the same page: bf16 must match stock exactly too."""
-    stock = result("stock_bf16", backend="CPU_ATTN", dtype="bfloat16")
-    ours = result("adaptive_auto_bf16", backend="ADAPTIVE", dtype="bfloat16")
+    """Same CPU ops on the same page: bf16 must match stock exactly too.
+
+    Prompts go one at a time: in a batch, how many requests reach the first
+    steps depends on timing, and in bf16 that alone has flipped a greedy token
+    between two runs of the same configuration (benchmarks/RESULTS.md)."""
+    stock = result("stock_bf16", backend="CPU_ATTN", dtype="bfloat16", sequential=True)
+    ours = result("adaptive_auto_bf16", backend="ADAPTIVE", dtype="bfloat16", sequential=True)
     _assert_identical(ours, stock)
