@@ -31,7 +31,9 @@ def server(tmp_path_factory):
     log = open(log_path, "w")
     cmd = [sys.executable, "-m", "vllm_adaptive.cli", "serve", "--port", str(port),
            "--max-model-len", "2048", "--enforce-eager", "--max-num-seqs", "8"]
-    proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, cwd=ROOT, env=engine_env())
+    env = engine_env()
+    env.pop("VLLM_CPU_KVCACHE_SPACE")  # exercise the CLI's default, as `make serve` does
+    proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, cwd=ROOT, env=env)
     base = f"http://127.0.0.1:{port}"
     deadline = time.time() + 600
     try:
@@ -67,6 +69,7 @@ def test_server_uses_adaptive(server):
     text = server[1].read_text()
     assert "Using ADAPTIVE attention backend on CPU" in text
     assert "adaptive_attention=" in text
+    assert "VLLM_CPU_KVCACHE_SPACE=4" in text
 
 
 def test_completion(client):

@@ -18,6 +18,19 @@ import os
 import sys
 
 SERVED_NAME = "smollm2"
+# vLLM's CPU build otherwise sizes the KV cache as a fraction (0.92) of the
+# NUMA node's memory and refuses to start when less than that is free, which
+# is every time on a 24 GiB machine with a page cache.
+DEFAULT_CPU_KV_GIB = "4"
+
+
+def _cpu_kv_space_default() -> None:
+    from vllm.platforms import current_platform
+
+    if current_platform.is_cpu() and not os.environ.get("VLLM_CPU_KVCACHE_SPACE"):
+        os.environ["VLLM_CPU_KVCACHE_SPACE"] = DEFAULT_CPU_KV_GIB
+        print(f"vllm-adaptive: VLLM_CPU_KVCACHE_SPACE={DEFAULT_CPU_KV_GIB} (GiB of KV cache; "
+              "set it to override)", file=sys.stderr, flush=True)
 
 
 def _model_args(argv: list[str]) -> list[str]:
@@ -49,6 +62,7 @@ def cmd_serve(ns: argparse.Namespace) -> int:
         args += ["--hf-overrides", json.dumps({"adaptive_attention": ns.preset})]
     if not any(a.startswith("--host") for a in args):
         args += ["--host", "127.0.0.1"]
+    _cpu_kv_space_default()
     cmd = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", *args]
     print("+", " ".join(cmd), flush=True)
     os.execv(sys.executable, cmd)
@@ -60,6 +74,7 @@ def cmd_generate(ns: argparse.Namespace) -> int:
 
     from vllm_adaptive.model import default_model_path
 
+    _cpu_kv_space_default()
     overrides = {"adaptive_attention": ns.preset} if ns.preset else None
     llm = LLM(
         model=str(default_model_path()), attention_backend="ADAPTIVE",
