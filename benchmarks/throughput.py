@@ -1,17 +1,27 @@
-"""Prefill and decode tokens/s: ADAPTIVE(full) against stock CPU_ATTN, same run.
+"""Prefill and decode tokens/s of ADAPTIVE layer maps against stock CPU_ATTN, same run.
 
-Question: does routing attention through the plugin cost throughput?
-For each context length L and backend, one engine (own process) runs a batch
-of B prompts of exactly L tokens (distinct random token ids, so no prefix is
-shared between prompts) three times:
+Question: what does routing attention through the plugin cost (``full``), and
+what do LongGen's sparse layers (``longgen``, ``longgen-strided``, calibrated
+maps) gain, at long context with a batch?
 
-  P  max_tokens=1, cold cache   -> prefill tok/s = B*L / P
-  C  max_tokens=1, prefix-cached (only the last block is recomputed)
-  D  max_tokens=1+N, prefix-cached -> decode tok/s = B*N / (D - C)
+For each context length L and configuration, one engine (own process, bf16)
+gets a batch of B prompts of exactly L distinct random token ids, max_tokens
+N+1, all added at once and driven step by step (LLMEngine.step):
+
+  prefill tok/s = B*L / (time until every request has its first token)
+     (chunked prefill: early requests' first decode tokens ride along in
+     those steps, a few tokens against B*L)
+  decode tok/s  = B * steps / elapsed, between the step where every request
+     has its first token and the step where the first request finishes:
+     each of those steps decodes exactly one token for all B requests
+
+Prefix caching is off in every configuration (sparse layers cannot use it).
+A warm-up request of 16 tokens runs first.
 
 Usage:
-  python benchmarks/throughput.py --lengths 2048 8192 --batch 8 --decode-tokens 64
-Writes benchmarks/results/throughput.json and prints a markdown table.
+  python benchmarks/throughput.py --lengths 8000 --batch 8 --decode-tokens 64 \
+      --configs stock full longgen
+Writes benchmarks/results/throughput.json (or --out) and prints a markdown table.
 """
 
 from __future__ import annotations
@@ -28,6 +38,18 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 
 
+def engine_kwargs(config: str) -> dict:
+    """``stock`` = CPU_ATTN; anything else is an ``adaptive_attention`` value
+    (a preset name or a path to a JSON file holding one)."""
+    if config == "stock":
+        return {"attention_backend": "CPU_ATTN"}
+    value: object = config
+    if config.endswith(".json"):
+        data = json.loads(Path(config).read_text())
+        value = data.get("adaptive_attention", data)
+    return {"attention_backend": "ADAPTIVE", "hf_overrides": {"adaptive_attention": value}}
+
+
 def run_one(spec: dict) -> dict:
     from vllm import LLM, SamplingParams
     from vllm.inputs import TokensPrompt
@@ -36,30 +58,49 @@ def run_one(spec: dict) -> dict:
 
     L, B, N = spec["length"], spec["batch"], spec["decode_tokens"]
     llm = LLM(
-        model=str(default_model_path()), attention_backend=spec["backend"],
-        dtype=spec["dtype"], max_model_len=min(8192, L + N + 16), max_num_seqs=B,
-        max_num_batched_tokens=spec["chunk"], enable_prefix_caching=True, seed=0,
+        model=str(default_model_path()), dtype=spec["dtype"],
+        max_model_len=min(8192, L + N + 16), max_num_seqs=B,
+        max_num_batched_tokens=spec["chunk"], enable_prefix_caching=False, seed=0,
+        **engine_kwargs(spec["config"]),
     )
     import random
 
     rng = random.Random(spec["length"])
     prompts = [TokensPrompt(prompt_token_ids=[rng.randrange(100, 40000) for _ in range(L)]) for _ in range(B)]
 
-    def timed(max_tokens):
-        sp = SamplingParams(temperature=0, max_tokens=max_tokens, ignore_eos=True)
-        t = time.perf_counter()
-        outs = llm.generate(prompts, sp, use_tqdm=False)
-        return time.perf_counter() - t, outs
+    llm.generate([TokensPrompt(prompt_token_ids=list(range(100, 116)))],
+                 SamplingParams(max_tokens=2), use_tqdm=False)  # warm-up
 
-    p, _ = timed(1)
-    c, _ = timed(1)
-    d, outs = timed(1 + N)
-    assert all(len(o.outputs[0].token_ids) == 1 + N for o in outs)
-    kv_tokens = llm.llm_engine.vllm_config.cache_config.num_gpu_blocks * llm.llm_engine.vllm_config.cache_config.block_size
+    engine = llm.llm_engine
+    sp = SamplingParams(temperature=0, max_tokens=N + 1, ignore_eos=True)
+    t_add = time.perf_counter()
+    for i, prompt in enumerate(prompts):
+        engine.add_request(f"d{i}", prompt, sp)
+    produced: dict[str, int] = {}
+    t_all_started = steps = None
+    t_first_done = None
+    while engine.has_unfinished_requests():
+        outs = engine.step()
+        now = time.perf_counter()
+        for o in outs:
+            produced[o.request_id] = len(o.outputs[0].token_ids)
+        if t_all_started is None:
+            if len(produced) == B and min(produced.values()) >= 1:
+                t_all_started, steps, start_tokens = now, 0, dict(produced)
+        elif t_first_done is None:
+            steps += 1
+            if any(o.finished for o in outs):
+                t_first_done = now
+                decoded = {r: produced[r] - start_tokens[r] for r in produced}
+    if t_first_done is None or len(set(decoded.values())) != 1:
+        raise RuntimeError(f"decode window not clean: {decoded if t_first_done else 'none'}")
+    p = t_all_started - t_add
+    cache = engine.vllm_config.cache_config
     return {
-        **spec, "prefill_s": p, "cached_prefill_s": c, "decode_run_s": d,
-        "prefill_tok_s": B * L / p, "decode_tok_s": B * N / (d - c),
-        "kv_cache_tokens": kv_tokens,
+        **spec, "prefill_s": p, "decode_steps": steps, "decode_window_s": t_first_done - t_all_started,
+        "prefill_tok_s": B * L / p, "decode_tok_s": B * steps / (t_first_done - t_all_started),
+        "kv_cache_tokens": cache.num_gpu_blocks * cache.block_size,
+        "kv_cache_max_concurrency": getattr(cache, "kv_cache_max_concurrency", None),
     }
 
 
@@ -70,7 +111,8 @@ def main() -> None:
     ap.add_argument("--decode-tokens", type=int, default=64)
     ap.add_argument("--dtype", default="bfloat16")
     ap.add_argument("--chunk", type=int, default=4096, help="max_num_batched_tokens")
-    ap.add_argument("--backends", nargs="+", default=["CPU_ATTN", "ADAPTIVE"])
+    ap.add_argument("--configs", nargs="+", default=["stock", "full", "longgen"],
+                    help="'stock' (CPU_ATTN) or adaptive_attention values / JSON paths")
     ap.add_argument("--out", default=str(HERE / "results" / "throughput.json"))
     ap.add_argument("--one", help=argparse.SUPPRESS)
     ns = ap.parse_args()
@@ -79,8 +121,8 @@ def main() -> None:
         return
     rows = []
     for L in ns.lengths:
-        for backend in ns.backends:
-            spec = dict(backend=backend, length=L, batch=ns.batch, decode_tokens=ns.decode_tokens,
+        for config in ns.configs:
+            spec = dict(config=config, length=L, batch=ns.batch, decode_tokens=ns.decode_tokens,
                         dtype=ns.dtype, chunk=ns.chunk)
             out = subprocess.run([sys.executable, __file__, "--one", json.dumps(spec)],
                                  capture_output=True, text=True)
@@ -97,14 +139,14 @@ def main() -> None:
 
 
 def table(rows: list[dict]) -> str:
-    lines = ["| context | batch | backend | prefill tok/s | decode tok/s | prefill vs stock | decode vs stock |",
+    lines = ["| context | batch | config | prefill tok/s | decode tok/s | prefill vs stock | decode vs stock |",
              "|---|---|---|---|---|---|---|"]
-    stock = {r["length"]: r for r in rows if r["backend"] == "CPU_ATTN"}
+    stock = {r["length"]: r for r in rows if r["config"] == "stock"}
     for r in rows:
         s = stock.get(r["length"])
         pr = f"{r['prefill_tok_s'] / s['prefill_tok_s']:.2f}x" if s else "-"
         dr = f"{r['decode_tok_s'] / s['decode_tok_s']:.2f}x" if s else "-"
-        lines.append(f"| {r['length']} | {r['batch']} | {r['backend']} | {r['prefill_tok_s']:.0f} | "
+        lines.append(f"| {r['length']} | {r['batch']} | {r['config']} | {r['prefill_tok_s']:.0f} | "
                      f"{r['decode_tok_s']:.1f} | {pr} | {dr} |")
     return "\n".join(lines)
 

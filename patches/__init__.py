@@ -10,7 +10,7 @@ from __future__ import annotations
 import importlib
 from dataclasses import dataclass
 
-MODULES = ("attention_registry", "platform_cpu", "platform_config")
+MODULES = ("attention_registry", "platform_cpu", "platform_config", "attention_spec")
 
 
 @dataclass(frozen=True)

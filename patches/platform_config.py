@@ -7,7 +7,7 @@ finished config and before any engine process starts is the platform's
 wrap parses the map (bad keys raise ``ValueError`` naming the key), selects
 ADAPTIVE when a checkpoint carries the key and no backend was chosen, refuses
 a key that another explicitly chosen backend would silently ignore, then calls
-the original.
+the original; checks that need the platform's final block size run after it.
 """
 
 from __future__ import annotations
@@ -23,8 +23,8 @@ RECORD = PatchRecord(
     ),
     why="bad adaptive_attention values must fail at start-up, in the user's process, "
     "not inside a worker or mid-serving",
-    how="classmethod wrap on the current platform's class: validate first, then call "
-    "the original",
+    how="classmethod wrap on the current platform's class: validate, call the "
+    "original, then check what needs its final block size",
     upstream="none; vLLM has no hook for plugin-owned model-config keys",
     delete_when="vLLM offers a config-validation hook for general plugins",
 )
@@ -41,10 +41,12 @@ def apply() -> None:
         return
 
     def check_and_update_config(cls, vllm_config):
-        from vllm_adaptive.backend import validate_vllm_config
+        from vllm_adaptive.backend import finalize_vllm_config, validate_vllm_config
 
         validate_vllm_config(vllm_config)
-        return original.__func__(cls, vllm_config)
+        result = original.__func__(cls, vllm_config)
+        finalize_vllm_config(vllm_config)
+        return result
 
     setattr(check_and_update_config, _MARK, True)
     platform_cls.check_and_update_config = classmethod(check_and_update_config)

@@ -9,6 +9,7 @@ Kept out of the pytest process so every configuration gets a fresh vLLM
 from __future__ import annotations
 
 import json
+import os
 import sys
 import time
 
@@ -30,6 +31,12 @@ def main() -> None:
         enforce_eager=spec.get("enforce_eager", True),
         seed=0,
     )
+    if spec.get("metrics"):
+        kwargs["disable_log_stats"] = False
+    if "kv_cache_memory_bytes" in spec:
+        # vLLM's CPU platform lets this legacy variable override the argument
+        os.environ.pop("VLLM_CPU_KVCACHE_SPACE", None)
+        kwargs["kv_cache_memory_bytes"] = spec["kv_cache_memory_bytes"]
     if spec.get("backend"):
         kwargs["attention_backend"] = spec["backend"]
     if "adaptive_attention" in spec:
@@ -46,7 +53,18 @@ def main() -> None:
         outs = [llm.generate([p], params, use_tqdm=False)[0] for p in spec["prompts"]]
     else:
         outs = llm.generate(spec["prompts"], params, use_tqdm=False)
+    cache = llm.llm_engine.vllm_config.cache_config
+    metrics = {}
+    if spec.get("metrics"):
+        for m in llm.get_metrics():
+            if m.name in ("vllm:num_preemptions", "vllm:prompt_tokens"):
+                metrics[m.name] = getattr(m, "value", None)
     result = {
+        "metrics": metrics,
+        "num_gpu_blocks": cache.num_gpu_blocks,
+        "kv_cache_size_tokens": getattr(cache, "kv_cache_size_tokens", None),
+        "kv_cache_max_concurrency": getattr(cache, "kv_cache_max_concurrency", None),
+        "enable_prefix_caching": cache.enable_prefix_caching,
         "start_s": start_s,
         "backends": layer_backends,
         "token_ids": [list(o.outputs[0].token_ids) for o in outs],

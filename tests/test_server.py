@@ -1,6 +1,7 @@
-"""The README's serve command: OpenAI-compatible server on loopback, real
-``openai`` client, a completion and a streamed chat completion; bad requests
-get HTTP errors and the server stays up."""
+"""The README's serve command with the ``longgen`` preset: OpenAI-compatible
+server on loopback, real ``openai`` client, a completion, a streamed chat
+completion and a prompt longer than the sparse layers' window; bad requests get
+HTTP errors and the server stays up."""
 
 from __future__ import annotations
 
@@ -29,8 +30,9 @@ def server(tmp_path_factory):
     port = _free_port()
     log_path = tmp_path_factory.mktemp("server") / "server.log"
     log = open(log_path, "w")
-    cmd = [sys.executable, "-m", "vllm_adaptive.cli", "serve", "--port", str(port),
-           "--max-model-len", "2048", "--enforce-eager", "--max-num-seqs", "8"]
+    cmd = [sys.executable, "-m", "vllm_adaptive.cli", "serve", "--preset", "longgen",
+           "--port", str(port), "--max-model-len", "2048", "--enforce-eager",
+           "--max-num-seqs", "8"]
     env = engine_env()
     env.pop("VLLM_CPU_KVCACHE_SPACE")  # exercise the CLI's default, as `make serve` does
     proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, cwd=ROOT, env=env)
@@ -68,8 +70,18 @@ def client(server):
 def test_server_uses_adaptive(server):
     text = server[1].read_text()
     assert "Using ADAPTIVE attention backend on CPU" in text
-    assert "adaptive_attention=" in text
+    assert "adaptive_attention=longgen: 30 layers (10 full, 20 sink_window)" in text
+    assert "prefix caching switched off" in text
     assert "VLLM_CPU_KVCACHE_SPACE=4" in text
+
+
+def test_prompt_longer_than_the_window(client):
+    # ~1,500 tokens: the sparse layers keep 64 sink + 768 window tokens
+    facts = " ".join(f"Fact {i}: the number {i} is followed by {i + 1}." for i in range(120))
+    r = client.completions.create(model="smollm2", prompt=facts + " Fact 120: the number 120 is followed by",
+                                  max_tokens=4, temperature=0)
+    assert r.usage.prompt_tokens > 1200
+    assert "121" in r.choices[0].text
 
 
 def test_completion(client):

@@ -36,6 +36,9 @@ def register() -> None:
         if BACKEND_NAME not in AttentionBackendEnum.__members__:
             register_backend(BACKEND_NAME, BACKEND_CLASS)
         patches.apply_all()
+        from vllm_adaptive.kv import register_kv_specs
+
+        register_kv_specs()
         _registered = True
 
 

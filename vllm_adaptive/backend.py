@@ -9,6 +9,14 @@ Every layer of the model runs through this backend; what a layer does is its
     torch      ``kernels/torch_paged.py`` on the plugin's plain page layout.
     triton     ``kernels/{cache_write,paged_prefill,paged_decode}.py``, CUDA.
 
+LongGen sparse layers (``sink_window`` / ``strided``) run on the torch path on
+CPU (``kernels/torch_sparse.py``) and on ``kernels/sparse_{prefill,decode}.py``
+on CUDA. Their KV-cache groups use ``kv.SparsePatternSpec`` (given to them by
+``patches/attention_spec.py``), whose manager frees blocks outside the
+pattern; their cache write happens inside ``forward`` so that it can skip the
+tokens no later query reads (their block is the null block), and attention
+takes this step's keys from the fresh ``key``/``value`` tensors.
+
 All layers share one physical page shape (vLLM's LBHNC ``[num_blocks,
 num_kv_heads, block_size, 2 * head_size]``); each path reads the page it wrote,
 and a layer never changes path during a run.
@@ -46,19 +54,53 @@ from vllm_adaptive.config import (
     raw_from_hf_config,
     resolve_for,
 )
+from vllm_adaptive.kv import SparsePatternSpec
 from vllm_adaptive.kv_layout import split_kv_cache
+from vllm_adaptive.pattern import SparsePattern
 
 # Under the "vllm" logger so vLLM's handler and log level apply to our lines.
 logger = init_logger("vllm.adaptive")
 
 
-def kernel_path(cfg: AdaptiveConfig, kind: str, device_type: str) -> str:
-    """Which kernels run a layer of ``kind`` (see module docstring)."""
+def kernel_path(cfg: AdaptiveConfig, kind: str, device_type: str, block_size: int) -> str:
+    """Which kernels run a layer of ``kind`` (see module docstring). On CPU a
+    sparse layer whose pattern is aligned to the cache blocks runs on vLLM's
+    own kernel (kernels/cpu_sparse.py), any other on the torch path."""
     if cfg.kernels != "auto":
         return cfg.kernels
     if device_type == "cuda":
         return "triton"
-    return "vllm_cpu" if kind == "full" else "torch"
+    pattern = cfg.pattern(kind)
+    if pattern is None or pattern.block_aligned(block_size):
+        return "vllm_cpu"
+    return "torch"
+
+
+def sparse_spec_for_layer(layer_name: str, spec, vllm_config: VllmConfig):
+    """The KV-cache spec of an ADAPTIVE layer: ``spec`` for full layers, a
+    ``SparsePatternSpec`` of the same page shape for sparse ones."""
+    from vllm.v1.kv_cache_interface import FullAttentionSpec
+
+    from vllm_adaptive.kv import register_kv_specs
+
+    cfg = resolve_for(vllm_config)
+    kind = _layer_kind(cfg, layer_name)
+    pattern = cfg.pattern(kind)
+    if pattern is None:
+        return spec
+    if type(spec) is not FullAttentionSpec:
+        raise ValueError(
+            f"{BACKEND_NAME}: layer {layer_name} is sparse in {CONFIG_KEY} but vLLM "
+            f"built a {type(spec).__name__} for it (only plain full attention "
+            "layers can be made sparse)"
+        )
+    register_kv_specs()
+    path = kernel_path(cfg, kind, current_platform.device_type, spec.block_size)
+    return SparsePatternSpec.from_attention_spec(
+        spec, pattern, chunk_tokens=vllm_config.max_in_flight_tokens,
+        # vLLM's CPU kernel reads every key from the cache
+        in_step_free=path != "vllm_cpu",
+    )
 
 
 def _layer_kind(cfg: AdaptiveConfig, layer_name: str) -> str:
@@ -172,7 +214,61 @@ def validate_vllm_config(vllm_config: VllmConfig) -> None:
     check_kernels_for_device(cfg, current_platform.device_type)
     if raw is None:
         logger.info("No %r in the model config: using preset 'full'.", CONFIG_KEY)
+    if cfg.sparse_kinds_used:
+        _check_sparse_engine(cfg, vllm_config)
     logger.info("%s", cfg.summary())
+
+
+def _check_sparse_engine(cfg: AdaptiveConfig, vllm_config: VllmConfig) -> None:
+    """Engine features sparse (block-freeing) layers cannot serve, refused at
+    start-up; prefix caching is switched off, with the reason logged."""
+    kinds = ", ".join(cfg.sparse_kinds_used)
+    if vllm_config.speculative_config is not None:
+        raise ValueError(
+            f"{CONFIG_KEY}: sparse layers ({kinds}) do not support speculative "
+            "decoding (rejected draft tokens would need freed blocks back)"
+        )
+    if vllm_config.kv_transfer_config is not None:
+        raise ValueError(
+            f"{CONFIG_KEY}: sparse layers ({kinds}) do not support KV transfer "
+            "connectors (their block tables hold freed, null blocks)"
+        )
+    if vllm_config.scheduler_config.disable_hybrid_kv_cache_manager:
+        raise ValueError(
+            f"{CONFIG_KEY}: sparse layers ({kinds}) need vLLM's hybrid KV cache "
+            "manager, which frees their blocks; drop --disable-hybrid-kv-cache-manager"
+        )
+    cache = vllm_config.cache_config
+    if cache.enable_prefix_caching:
+        cache.enable_prefix_caching = False
+        logger.info(
+            "%s: prefix caching switched off: sparse layers (%s) free the KV "
+            "blocks outside their pattern, so a cached prefix cannot be reused.",
+            BACKEND_NAME, kinds,
+        )
+
+
+def finalize_vllm_config(vllm_config: VllmConfig) -> None:
+    """Checks that need the platform's final block size (after the original
+    ``check_and_update_config``; see patches/platform_config.py)."""
+    model_config = vllm_config.model_config
+    if model_config is None or not _is_ours(vllm_config.attention_config.backend):
+        return
+    cfg = from_hf_config(model_config.hf_config)
+    if cfg.sparse_kinds_used:
+        from vllm_adaptive.config import check_against_engine
+
+        block_size = vllm_config.cache_config.block_size
+        check_against_engine(cfg, block_size, model_config.max_model_len)
+        if cfg.kernels == "vllm_cpu":
+            for kind in cfg.sparse_kinds_used:
+                if not cfg.patterns[kind].block_aligned(block_size):
+                    raise ValueError(
+                        f"{CONFIG_KEY}.kernels: 'vllm_cpu' runs sparse layers only when "
+                        f"their pattern is aligned to the cache block size ({block_size}: "
+                        f"no window, sink and block multiples of it); {kind} is "
+                        f"{cfg.patterns[kind].describe()}. Use 'auto' or 'torch'"
+                    )
 
 
 @dataclass
@@ -196,6 +292,15 @@ class AdaptiveMetadata:
     causal: bool = True
     # Only for layers on the vllm_cpu path.
     cpu_scheduler_metadata: torch.Tensor | None = None
+    # Only for sparse groups: the pattern, and the end of the null block's
+    # slots (tokens mapped below it are not stored: see kv/manager.py).
+    pattern: SparsePattern | None = None
+    null_slot_end: int = 0
+    # Torch path: which keys each query reads, planned once per step and
+    # shared by the group's layers (kernels/torch_sparse.py).
+    sparse_plan: object | None = None
+    # vllm_cpu path of block-aligned sparse layers (kernels/cpu_sparse.py).
+    pseudo: object | None = None
 
 
 class AdaptiveMetadataBuilder(AttentionMetadataBuilder[AdaptiveMetadata]):
@@ -210,8 +315,24 @@ class AdaptiveMetadataBuilder(AttentionMetadataBuilder[AdaptiveMetadata]):
         self.vllm_config = vllm_config
         cfg = resolve_for(vllm_config)
         device_type = current_platform.device_type
-        paths = {kernel_path(cfg, _layer_kind(cfg, n), device_type) for n in layer_names}
+        paths = {
+            kernel_path(cfg, _layer_kind(cfg, n), device_type, kv_cache_spec.block_size)
+            for n in layer_names
+        }
         self.needs_cpu_scheduler = "vllm_cpu" in paths
+        self.pattern = None
+        self.null_slot_end = 0
+        self.plan_on_cpu = False
+        self.pseudo = False
+        if isinstance(kv_cache_spec, SparsePatternSpec):
+            self.pattern = kv_cache_spec.pattern
+            # The manager's null block is block 0; with kernel-block splitting
+            # it spans the first manager-block's worth of slots.
+            self.null_slot_end = vllm_config.cache_config.block_size
+            self.kernel_block_size = kv_cache_spec.block_size
+            self.plan_on_cpu = "torch" in paths
+            # vllm_cpu path: pseudo requests over compacted block tables
+            self.pseudo = "vllm_cpu" in paths
         self.isa = None
         if self.needs_cpu_scheduler:
             self._init_cpu_ops(kv_cache_spec, layer_names, vllm_config)
@@ -243,24 +364,42 @@ class AdaptiveMetadataBuilder(AttentionMetadataBuilder[AdaptiveMetadata]):
         if isinstance(cm.causal, torch.Tensor) or not cm.causal:
             raise ValueError(f"{BACKEND_NAME} supports causal decoder attention only")
         sched = None
+        pseudo = None
+        query_start_loc, seq_lens = cm.query_start_loc, cm.seq_lens
+        if self.pseudo:
+            from vllm_adaptive.kernels.cpu_sparse import plan_pseudo_requests
+
+            pseudo = plan_pseudo_requests(
+                self.pattern, cm.block_table_tensor, cm.query_start_loc_cpu,
+                cm.seq_lens.cpu(), self.kernel_block_size,
+            )
+            query_start_loc, seq_lens = pseudo.query_start_loc, pseudo.seq_lens
         if self.needs_cpu_scheduler:
             from vllm import _custom_ops as ops
             from vllm import envs
 
             sched = ops.cpu_attn_get_scheduler_metadata(
-                num_reqs=cm.num_reqs,
+                num_reqs=seq_lens.shape[0],
                 num_heads=self.num_heads,
                 num_kv_heads=self.num_kv_heads,
                 head_dim=self.head_dim,
-                seq_lens=cm.seq_lens,
+                seq_lens=seq_lens,
                 dtype=self.dtype,
-                query_start_loc=cm.query_start_loc,
+                query_start_loc=query_start_loc,
                 causal=True,
                 sliding_window_size=-1,
                 isa=self.isa,
                 enable_kv_split=envs.VLLM_CPU_ATTN_SPLIT_KV,
                 dynamic_causal=None,
                 kv_cache_dtype=self.kv_cache_dtype,
+            )
+        plan = None
+        if self.plan_on_cpu:
+            from vllm_adaptive.kernels.torch_sparse import plan_sparse
+
+            plan = plan_sparse(
+                self.pattern, cm.block_table_tensor, cm.query_start_loc_cpu,
+                cm.seq_lens.cpu(), self.kernel_block_size,
             )
         return AdaptiveMetadata(
             num_actual_tokens=cm.num_actual_tokens,
@@ -271,6 +410,10 @@ class AdaptiveMetadataBuilder(AttentionMetadataBuilder[AdaptiveMetadata]):
             block_table=cm.block_table_tensor,
             slot_mapping=cm.slot_mapping,
             cpu_scheduler_metadata=sched,
+            pattern=self.pattern,
+            null_slot_end=self.null_slot_end,
+            sparse_plan=plan,
+            pseudo=pseudo,
         )
 
 
@@ -310,11 +453,15 @@ class AdaptiveImpl(AttentionImpl[AdaptiveMetadata]):
         self.cfg = resolve_for(get_current_vllm_config())
         self.device_type = current_platform.device_type
         self._path: str | None = None
+        self._sparse: bool | None = None
 
-    def _path_for(self, layer) -> str:
+    def _path_for(self, layer, kv_cache: torch.Tensor) -> str:
         if self._path is None:
             kind = _layer_kind(self.cfg, layer.layer_name)
-            self._path = kernel_path(self.cfg, kind, self.device_type)
+            block_size = kv_cache.shape[2]
+            self._path = kernel_path(self.cfg, kind, self.device_type, block_size)
+            # sparse layers that skip dead tokens' writes (not vllm_cpu's)
+            self._sparse = self.cfg.pattern(kind) is not None and self._path != "vllm_cpu"
         return self._path
 
     def do_kv_cache_update(
@@ -325,7 +472,9 @@ class AdaptiveImpl(AttentionImpl[AdaptiveMetadata]):
         kv_cache: torch.Tensor,  # [num_blocks, num_kv_heads, block_size, 2 * head_size]
         slot_mapping: torch.Tensor,  # [num_tokens]
     ) -> None:
-        path = self._path_for(layer)
+        path = self._path_for(layer, kv_cache)
+        if self._sparse:
+            return  # written in forward, which knows which tokens to keep
         key_cache, value_cache = split_kv_cache(kv_cache)
         if path == "vllm_cpu":
             from vllm import _custom_ops as ops
@@ -364,16 +513,21 @@ class AdaptiveImpl(AttentionImpl[AdaptiveMetadata]):
         n = md.num_actual_tokens
         q = query[:n]
         out = output[:n]
-        path = self._path_for(layer)
+        path = self._path_for(layer, kv_cache)
         key_cache, value_cache = split_kv_cache(kv_cache)
+        if self._sparse:
+            self._forward_sparse(path, q, key[:n], value[:n], key_cache, value_cache, md, out)
+            return output
         if path == "vllm_cpu":
             from vllm import _custom_ops as ops
 
+            # block-aligned sparse layers: pseudo requests (kernels/cpu_sparse.py)
+            batch = md.pseudo if md.pseudo is not None else md
             ops.cpu_attention_with_kv_cache(
                 query=q, key_cache=key_cache, value_cache=value_cache, output=out,
-                query_start_loc=md.query_start_loc, seq_lens=md.seq_lens,
+                query_start_loc=batch.query_start_loc, seq_lens=batch.seq_lens,
                 scale=self.scale, causal=True, alibi_slopes=None, sliding_window=-1,
-                block_table=md.block_table, softcap=0,
+                block_table=batch.block_table, softcap=0,
                 scheduler_metadata=md.cpu_scheduler_metadata, s_aux=None,
                 dynamic_causal=None, k_scale=layer._k_scale_float,
                 v_scale=layer._v_scale_float, kv_cache_dtype=self.kv_cache_dtype,
@@ -400,3 +554,30 @@ class AdaptiveImpl(AttentionImpl[AdaptiveMetadata]):
                 md.seq_lens, self.scale, out=out,
             )
         return output
+
+    def _forward_sparse(self, path, q, key, value, key_cache, value_cache, md, out) -> None:
+        pattern = md.pattern
+        if pattern is None:
+            raise RuntimeError(
+                f"{BACKEND_NAME}: a sparse layer got metadata of a full-attention "
+                "KV-cache group (is patches/attention_spec.py applied?)"
+            )
+        slots = md.slot_mapping[: md.num_actual_tokens]
+        if path == "triton":
+            from vllm_adaptive.kernels.cache_write import write_kv_cache
+            from vllm_adaptive.kernels.sparse_decode import sparse_decode
+            from vllm_adaptive.kernels.sparse_prefill import sparse_prefill
+
+            live = torch.where(slots >= md.null_slot_end, slots, torch.full_like(slots, -1))
+            write_kv_cache(key, value, key_cache, value_cache, live)
+            attend = sparse_decode if md.max_query_len == 1 else sparse_prefill
+        else:
+            from vllm_adaptive.kernels.torch_sparse import run_sparse, write_live_kv
+
+            write_live_kv(key, value, key_cache, value_cache, slots, md.null_slot_end)
+            run_sparse(md.sparse_plan, q, key, value, key_cache, value_cache, self.scale, out)
+            return
+        attend(
+            q, key, value, key_cache, value_cache, md.block_table,
+            md.query_start_loc, md.seq_lens, self.scale, pattern, out=out,
+        )

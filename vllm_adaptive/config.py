@@ -9,8 +9,10 @@ was given, so a typo fails before the first request instead of in the middle of
 serving.
 
 Layer kinds are data: ``LAYER_KINDS`` lists those this release implements.
-Later kinds (LongGen ``sink_window`` / ``strided``, quantized and
-importance-scored layers) slot into the same table.
+``full`` keeps every token; the LongGen kinds ``sink_window`` and ``strided``
+read (and keep) only the tokens of their :class:`~vllm_adaptive.pattern.SparsePattern`.
+Which layers stay full is ``full_layers`` (indices, or ``"middle_third"``,
+LongGen's placement); ``vllm-adaptive calibrate`` measures a better one.
 """
 
 from __future__ import annotations
@@ -19,11 +21,20 @@ import copy
 from dataclasses import dataclass, field
 from typing import Any, Mapping
 
+from vllm_adaptive.pattern import SparsePattern
+
 CONFIG_KEY = "adaptive_attention"
 
 #: Layer kinds this release implements. ``full``: ordinary causal attention
 #: over every cached token of the request.
-LAYER_KINDS: tuple[str, ...] = ("full",)
+LAYER_KINDS: tuple[str, ...] = ("full", "sink_window", "strided")
+SPARSE_KINDS: tuple[str, ...] = ("sink_window", "strided")
+
+#: Allowed keys of each sparse kind's sub-dict, and their pattern fields.
+KIND_KEYS: dict[str, tuple[str, ...]] = {
+    "sink_window": ("sink", "window"),
+    "strided": ("sink", "block", "local_blocks", "vert_stride"),
+}
 
 #: Which kernels run attention.
 #:   auto      vLLM's own CPU ops for full layers on CPU, Triton on CUDA.
@@ -32,17 +43,31 @@ LAYER_KINDS: tuple[str, ...] = ("full",)
 #:   triton    the plugin's Triton kernels, CUDA only.
 KERNELS: tuple[str, ...] = ("auto", "vllm_cpu", "torch", "triton")
 
+# Pattern sizes are tokens. The defaults are sized for an 8K-context model
+# (SmolLM2): LongGen's own runs keep a window of a few percent of the context.
+_SINK_WINDOW = {"sink": 64, "window": 768}
+# Block-aligned for cache blocks of up to 128 tokens (vLLM's CPU default), so
+# that on CPU these layers run on vLLM's own attention kernel.
+_STRIDED = {"sink": 128, "block": 128, "local_blocks": 4, "vert_stride": 8}
+
 PRESETS: dict[str, dict[str, Any]] = {
     # No compression: every layer keeps full attention. Outputs must equal
     # stock vLLM's.
     "full": {"default_kind": "full"},
+    # LongGen: the middle third of the stack full, the rest sink + window.
+    "longgen": {"default_kind": "sink_window", "full_layers": "middle_third"},
+    # LongGen's block-sparse variant: local blocks + every 8th block.
+    "longgen-strided": {"default_kind": "strided", "full_layers": "middle_third"},
 }
 
 _DEFAULTS: dict[str, Any] = {
     "preset": None,
     "default_kind": "full",
+    "full_layers": None,
     "layer_kinds": None,
     "kernels": "auto",
+    "sink_window": dict(_SINK_WINDOW),
+    "strided": dict(_STRIDED),
 }
 
 
@@ -72,6 +97,19 @@ class AdaptiveConfig:
     kernels: str
     num_layers: int
     layers: tuple[LayerPlan, ...] = field(repr=False)
+    patterns: Mapping[str, SparsePattern] = field(default_factory=dict, repr=False)
+
+    def pattern(self, kind: str) -> SparsePattern | None:
+        """The sparse pattern of a layer kind; None for ``full``."""
+        return self.patterns.get(kind)
+
+    @property
+    def sparse_kinds_used(self) -> tuple[str, ...]:
+        return tuple(sorted({p.kind for p in self.layers if p.kind in SPARSE_KINDS}))
+
+    @property
+    def full_layer_indices(self) -> tuple[int, ...]:
+        return tuple(p.layer_idx for p in self.layers if p.kind == "full")
 
     def plan(self, layer_idx: int) -> LayerPlan:
         if not 0 <= layer_idx < self.num_layers:
@@ -91,7 +129,16 @@ class AdaptiveConfig:
             kinds[p.kind] = kinds.get(p.kind, 0) + 1
         parts = ", ".join(f"{n} {k}" for k, n in sorted(kinds.items()))
         name = self.preset or "custom"
-        return f"{CONFIG_KEY}={name}: {self.num_layers} layers ({parts}), kernels={self.kernels}"
+        pats = "".join(
+            f", {k}({self.patterns[k].describe()})" for k in self.sparse_kinds_used
+        )
+        full = ""
+        if self.sparse_kinds_used:
+            full = f", full layers {list(self.full_layer_indices)}"
+        return (
+            f"{CONFIG_KEY}={name}: {self.num_layers} layers ({parts}){full}{pats}, "
+            f"kernels={self.kernels}"
+        )
 
 
 def _check_kind(key: str, value: Any) -> str:
@@ -126,7 +173,13 @@ def parse_config(raw: Any, num_layers: int) -> AdaptiveConfig:
         if not isinstance(preset, str) or preset not in PRESETS:
             raise _err("preset", f"one of {sorted(PRESETS)}", preset)
         merged.update(copy.deepcopy(PRESETS[preset]))
-    merged.update({k: v for k, v in raw.items() if k != "preset"})
+    for k, v in raw.items():
+        if k == "preset":
+            continue
+        if k in KIND_KEYS and isinstance(v, Mapping) and isinstance(merged.get(k), Mapping):
+            merged[k] = {**merged[k], **v}  # pattern sub-dicts merge key by key
+        else:
+            merged[k] = v
     merged["preset"] = preset
 
     default_kind = _check_kind("default_kind", merged["default_kind"])
@@ -151,8 +204,12 @@ def parse_config(raw: Any, num_layers: int) -> AdaptiveConfig:
         )
         kinds = layer_kinds
     else:
-        kinds = (default_kind,) * num_layers
+        full = _full_layers(merged["full_layers"], num_layers)
+        kinds = tuple("full" if i in full else default_kind for i in range(num_layers))
 
+    patterns = {
+        kind: _pattern(kind, merged[kind]) for kind in SPARSE_KINDS
+    }
     return AdaptiveConfig(
         preset=preset,
         default_kind=default_kind,
@@ -160,7 +217,70 @@ def parse_config(raw: Any, num_layers: int) -> AdaptiveConfig:
         kernels=kernels,
         num_layers=num_layers,
         layers=tuple(LayerPlan(i, k) for i, k in enumerate(kinds)),
+        patterns=patterns,
     )
+
+
+def middle_third(num_layers: int) -> tuple[int, ...]:
+    """LongGen's placement: the middle third of the stack keeps full attention."""
+    n_full = -(-num_layers // 3)
+    start = (num_layers - n_full) // 2
+    return tuple(range(start, start + n_full))
+
+
+def _full_layers(value: Any, num_layers: int) -> frozenset[int]:
+    if value is None:
+        return frozenset()
+    if value == "middle_third":
+        return frozenset(middle_third(num_layers))
+    allowed = f"'middle_third' or a list of layer indices in [0, {num_layers})"
+    if not isinstance(value, (list, tuple)):
+        raise _err("full_layers", allowed, value)
+    for i, v in enumerate(value):
+        if not isinstance(v, int) or isinstance(v, bool) or not 0 <= v < num_layers:
+            raise _err(f"full_layers[{i}]", f"a layer index in [0, {num_layers})", v)
+    if len(set(value)) != len(value):
+        raise _err("full_layers", "distinct layer indices", value)
+    return frozenset(value)
+
+
+def _pattern(kind: str, value: Any) -> SparsePattern:
+    keys = KIND_KEYS[kind]
+    if not isinstance(value, Mapping):
+        raise _err(kind, f"a dict with keys {list(keys)}", value)
+    unknown = sorted(set(value) - set(keys))
+    if unknown:
+        raise AdaptiveConfigError(
+            f"{CONFIG_KEY}.{kind}: unknown key(s) {unknown}; allowed keys are {list(keys)}"
+        )
+    merged = {**(_SINK_WINDOW if kind == "sink_window" else _STRIDED), **value}
+    for k in keys:
+        v = merged[k]
+        minimum = 1 if k in ("window", "block", "local_blocks") else 0
+        if not isinstance(v, int) or isinstance(v, bool) or v < minimum:
+            raise _err(f"{kind}.{k}", f"an int >= {minimum}", v)
+        if k == "vert_stride" and v == 1:  # every block: that is full attention
+            raise _err(f"{kind}.{k}", "0 (off) or an int >= 2", v)
+    return SparsePattern(**{k: merged[k] for k in keys})
+
+
+def check_against_engine(cfg: AdaptiveConfig, block_size: int, max_model_len: int) -> None:
+    """Checks that need the engine's block size and length (start-up)."""
+    for kind in cfg.sparse_kinds_used:
+        pat = cfg.patterns[kind]
+        if kind == "strided" and pat.block % block_size:
+            raise _err(
+                "strided.block",
+                f"a multiple of the KV cache block size ({block_size})",
+                pat.block,
+            )
+        reach = pat.sink + pat.key_span() + 1
+        if reach >= max_model_len:
+            raise AdaptiveConfigError(
+                f"{CONFIG_KEY}.{kind}: the pattern ({pat.describe()}) reaches "
+                f"{reach} tokens back, not less than max_model_len={max_model_len}, "
+                f"so it would free nothing; shrink it or use kind 'full'"
+            )
 
 
 def check_kernels_for_device(cfg: AdaptiveConfig, device_type: str) -> None:
@@ -169,6 +289,16 @@ def check_kernels_for_device(cfg: AdaptiveConfig, device_type: str) -> None:
         raise _err("kernels", "'vllm_cpu' only on the CPU platform", cfg.kernels)
     if cfg.kernels == "triton" and device_type != "cuda":
         raise _err("kernels", "'triton' only on CUDA", cfg.kernels)
+    windowed = [k for k in cfg.sparse_kinds_used if cfg.patterns[k].window]
+    if cfg.kernels == "vllm_cpu" and windowed:
+        # vLLM's CPU kernel runs block-aligned patterns only (backend.py
+        # checks the rest once the block size is known)
+        raise _err(
+            "kernels",
+            f"'auto', 'torch' or 'triton' (vLLM's CPU ops cannot run the token "
+            f"window of {windowed})",
+            cfg.kernels,
+        )
 
 
 def num_layers_of(hf_config: Any) -> int:

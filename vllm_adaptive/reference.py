@@ -59,6 +59,16 @@ def gather_request_kv(
     return torch.stack(rows, dim=0)
 
 
+def _masked_heads(q, k, v, visible, scale, out) -> None:
+    """out[:, h] = softmax(q[:, h] k^T * scale, masked to ``visible``) v, per
+    query head h on KV head h // group, in float32."""
+    group = q.shape[1] // k.shape[1]
+    for h in range(q.shape[1]):
+        scores = (q[:, h].float() @ k[:, h // group].T) * scale
+        scores = scores.masked_fill(~visible, float("-inf"))
+        out[:, h] = (torch.softmax(scores, dim=-1) @ v[:, h // group]).to(out.dtype)
+
+
 def paged_attention_ref(
     query: torch.Tensor,  # [num_tokens, num_heads, head_size]
     key_cache: torch.Tensor,  # [num_blocks, num_kv_heads, block_size, head_size]
@@ -75,7 +85,6 @@ def paged_attention_ref(
         raise ValueError(
             f"num_heads ({num_heads}) must be a multiple of num_kv_heads ({num_kv_heads})"
         )
-    group = num_heads // num_kv_heads
     out = torch.zeros_like(query)
     for r in range(seq_lens.shape[0]):
         q0, q1 = int(query_start_loc[r]), int(query_start_loc[r + 1])
@@ -89,10 +98,62 @@ def paged_attention_ref(
         q_pos = context_len + torch.arange(query_len)
         k_pos = torch.arange(seq_len)
         visible = k_pos[None, :] <= q_pos[:, None]  # [query_len, seq_len]
-        for h in range(num_heads):
-            kvh = h // group
-            scores = (query[q0:q1, h].float() @ k[:, kvh].T) * scale
-            scores = scores.masked_fill(~visible, float("-inf"))
-            probs = torch.softmax(scores, dim=-1)
-            out[q0:q1, h] = (probs @ v[:, kvh]).to(query.dtype)
+        _masked_heads(query[q0:q1], k, v, visible, scale, out[q0:q1])
     return out
+
+
+# --------------------------------------------------------------------------
+# LongGen sparse layers (pattern.py). Two sources of keys per request:
+#
+#   positions 0 .. context_len-1       the paged cache, through block_table;
+#                                      a block no query of this step needs
+#                                      may have been freed (null) and must
+#                                      not be read
+#   positions context_len .. seq_len-1 this step's fresh ``key``/``value``
+#                                      rows (query_start_loc), which are only
+#                                      partly written to the cache: tokens no
+#                                      later query can read go nowhere
+# --------------------------------------------------------------------------
+
+
+def sparse_attention_ref(
+    query: torch.Tensor,  # [num_tokens, num_heads, head_size]
+    key: torch.Tensor,  # [num_tokens, num_kv_heads, head_size] this step's keys
+    value: torch.Tensor,  # [num_tokens, num_kv_heads, head_size]
+    key_cache: torch.Tensor,  # [num_blocks, num_kv_heads, block_size, head_size]
+    value_cache: torch.Tensor,
+    block_table: torch.Tensor,  # [num_reqs, max_blocks_per_req]
+    query_start_loc: torch.Tensor,  # [num_reqs + 1]
+    seq_lens: torch.Tensor,  # [num_reqs]
+    scale: float,
+    pattern,  # vllm_adaptive.pattern.SparsePattern
+) -> torch.Tensor:
+    """Dense masked attention in float32 over the pattern's keys."""
+    num_kv_heads = key_cache.shape[1]
+    block_size = key_cache.shape[2]
+    head_size = query.shape[2]
+    out = torch.zeros_like(query)
+    for r in range(seq_lens.shape[0]):
+        q0, q1 = int(query_start_loc[r]), int(query_start_loc[r + 1])
+        query_len = q1 - q0
+        if query_len == 0:
+            continue
+        seq_len = int(seq_lens[r])
+        ctx = seq_len - query_len
+        k = torch.zeros(seq_len, num_kv_heads, head_size)
+        v = torch.zeros(seq_len, num_kv_heads, head_size)
+        for pos in range(ctx):
+            b = pos // block_size
+            if not pattern.block_needed(b, block_size, ctx, seq_len):
+                continue  # possibly freed: never read
+            blk = int(block_table[r, b])
+            k[pos] = key_cache[blk, :, pos % block_size].float()
+            v[pos] = value_cache[blk, :, pos % block_size].float()
+        k[ctx:] = key[q0:q1].float()
+        v[ctx:] = value[q0:q1].float()
+        q_pos = torch.arange(ctx, seq_len)[:, None]
+        k_pos = torch.arange(seq_len)[None, :]
+        visible = pattern.visible(q_pos, k_pos)
+        _masked_heads(query[q0:q1], k, v, visible, scale, out[q0:q1])
+    return out
+

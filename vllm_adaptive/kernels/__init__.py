@@ -7,6 +7,10 @@ is tested against ``vllm_adaptive.reference``:
 - ``cache_write``: Triton KV-cache write.
 - ``paged_prefill``: Triton causal paged attention for any query lengths.
 - ``paged_decode``: Triton split-KV paged attention, one query per request.
+- ``torch_sparse``: the torch path for LongGen sparse layers (pattern-planned
+  gathers, fresh keys for this step's positions).
+- ``sparse_prefill`` / ``sparse_decode``: Triton block-sparse attention that
+  visits only the pattern's pages (``sparse_checks`` validates their inputs).
 
 Triton modules import triton lazily and jit on first launch, so this package
 imports on machines without a GPU.

@@ -1,0 +1,260 @@
+"""Triton block-sparse paged attention for LongGen sparse layers (decode).
+
+One query token per request (query_len 1; a request with query_len 0 is
+skipped), split-KV as in ``paged_decode``: pass 1 computes a partial (max,
+sum, weighted V) per (request, KV head, split), pass 2 merges the splits. The
+GQA group's query heads share each K/V page load.
+
+Pages visited are those of ``sparse_prefill`` for a one-query tile at
+position ``p = context_len``: the local span ``lo_page .. p // block_size``
+(``lo_page`` holds the lowest key the window / local-block terms let ``p``
+read) and, below it, only pages holding a sink or a vertical-stride token,
+reached by jumping from one to the next. The splits share that walk out
+round-robin (the n-th visited page goes to split ``n % NUM_SPLITS``), so they
+stay balanced however the pattern clusters its pages, and only the owner
+loads a page. Freed pages (``SparsePattern.block_needed`` false) are never
+loaded.
+
+Keys ``j < context_len`` come from the paged cache; the query's own key
+(``j = context_len``) comes from this step's fresh ``key``/``value`` row, never
+from the cache. Layout and length conventions: ``vllm_adaptive.reference``
+(see ``sparse_attention_ref``, which this kernel matches).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from vllm_adaptive.kernels import _triton
+from vllm_adaptive.kernels._triton import tl
+from vllm_adaptive.kernels.sparse_checks import check_sparse_attention
+from vllm_adaptive.pattern import SparsePattern
+
+
+def _sparse_decode_split_kernel(
+    m_part_ptr,  # [num_reqs, num_heads, NUM_SPLITS] fp32
+    l_part_ptr,  # [num_reqs, num_heads, NUM_SPLITS] fp32
+    acc_part_ptr,  # [num_reqs, num_heads, NUM_SPLITS, HEAD_PAD] fp32
+    q_ptr,  # [num_tokens, num_heads, head_size]
+    k_ptr,  # [num_tokens, num_kv_heads, head_size] this step's keys (strided)
+    v_ptr,  # [num_tokens, num_kv_heads, head_size] this step's values (strided)
+    k_cache_ptr,  # [num_blocks, num_kv_heads, block_size, head_size] (strided)
+    v_cache_ptr,  # [num_blocks, num_kv_heads, block_size, head_size] (strided)
+    block_table_ptr,  # [num_reqs, max_blocks_per_req]
+    query_start_loc_ptr,  # [num_reqs + 1]
+    seq_lens_ptr,  # [num_reqs]
+    num_heads,
+    scale,
+    stride_q_tok, stride_q_head,
+    stride_kn_tok, stride_kn_head,
+    stride_vn_tok, stride_vn_head,
+    stride_k_blk, stride_k_head, stride_k_tok,
+    stride_v_blk, stride_v_head, stride_v_tok,
+    stride_bt,
+    SINK: tl.constexpr,  # pattern terms, 0 = off (pattern.SparsePattern)
+    WINDOW: tl.constexpr,
+    PBLOCK: tl.constexpr,  # the pattern's block, not the cache page
+    LOCAL_BLOCKS: tl.constexpr,
+    VERT_STRIDE: tl.constexpr,
+    QUERIES_PER_KV: tl.constexpr,
+    GROUP_PAD: tl.constexpr,
+    HEAD_SIZE: tl.constexpr,
+    HEAD_PAD: tl.constexpr,
+    BLOCK_SIZE: tl.constexpr,  # cache page size
+    NUM_SPLITS: tl.constexpr,
+):
+    req = tl.program_id(0)
+    kv_head = tl.program_id(1)
+    split = tl.program_id(2)
+
+    g = tl.arange(0, GROUP_PAD)  # [GROUP_PAD]
+    g_ok = g < QUERIES_PER_KV
+    head = kv_head * QUERIES_PER_KV + g
+    d = tl.arange(0, HEAD_PAD)  # [HEAD_PAD]
+    d_ok = d < HEAD_SIZE
+    m_i = tl.full([GROUP_PAD], -1.0e30, dtype=tl.float32)
+    l_i = tl.zeros([GROUP_PAD], dtype=tl.float32)
+    acc = tl.zeros([GROUP_PAD, HEAD_PAD], dtype=tl.float32)
+
+    # int32 scalars throughout, whatever the index dtypes: the page loop
+    # carries them.
+    tok = tl.load(query_start_loc_ptr + req).to(tl.int32)
+    query_len = tl.load(query_start_loc_ptr + req + 1).to(tl.int32) - tok
+    if query_len > 0:
+        pos = tl.load(seq_lens_ptr + req).to(tl.int32) - 1  # = context_len
+        q = tl.load(
+            q_ptr + tok * stride_q_tok + head[:, None] * stride_q_head + d[None, :],
+            mask=g_ok[:, None] & d_ok[None, :], other=0.0,
+        ).to(tl.float32)  # [GROUP_PAD, HEAD_PAD]
+        k_new = tl.load(k_ptr + tok * stride_kn_tok + kv_head * stride_kn_head + d,
+                        mask=d_ok, other=0.0).to(tl.float32)  # [HEAD_PAD]
+        v_new = tl.load(v_ptr + tok * stride_vn_tok + kv_head * stride_vn_head + d,
+                        mask=d_ok, other=0.0).to(tl.float32)  # [HEAD_PAD]
+
+        hi_page = pos // BLOCK_SIZE
+        # Lowest key the window / local terms let pos read.
+        lo_key = pos
+        if WINDOW > 0:
+            lo_key = tl.minimum(lo_key, pos - (WINDOW - 1))
+        if LOCAL_BLOCKS > 0:
+            lo_key = tl.minimum(lo_key, (pos // PBLOCK - (LOCAL_BLOCKS - 1)) * PBLOCK)
+        lo_page = tl.maximum(lo_key, 0) // BLOCK_SIZE
+
+        offs_n = tl.arange(0, BLOCK_SIZE)  # [BLOCK_SIZE]
+        k_base = kv_head * stride_k_head + offs_n[:, None] * stride_k_tok + d[None, :]
+        v_base = kv_head * stride_v_head + offs_n[:, None] * stride_v_tok + d[None, :]
+        pg = tl.zeros([], dtype=tl.int32)
+        n = tl.zeros([], dtype=tl.int32)  # ordinal of the page among those visited
+        while pg <= hi_page:
+            # Below the local span only sink and vertical-stride pages count:
+            # jump to the next one (or to lo_page, which is <= hi_page).
+            skip = (pg < lo_page) & (pg * BLOCK_SIZE >= SINK)
+            if VERT_STRIDE > 0:
+                blk = pg * BLOCK_SIZE // PBLOCK
+                blk = blk + (VERT_STRIDE - 1) - blk % VERT_STRIDE  # next (blk + 1) % S == 0
+                nxt = tl.minimum(tl.maximum(pg, blk * PBLOCK // BLOCK_SIZE), lo_page)
+            else:
+                nxt = lo_page
+            pg = tl.where(skip, nxt, pg)
+
+            if n % NUM_SPLITS == split:
+                k_pos = pg * BLOCK_SIZE + offs_n  # [BLOCK_SIZE]
+                k = tl.zeros([BLOCK_SIZE, HEAD_PAD], dtype=tl.float32)
+                v = tl.zeros([BLOCK_SIZE, HEAD_PAD], dtype=tl.float32)
+                if pg * BLOCK_SIZE < pos:  # cached keys
+                    page = tl.load(block_table_ptr + req * stride_bt + pg).to(tl.int64)
+                    cached = (k_pos < pos)[:, None] & d_ok[None, :]
+                    k = tl.load(k_cache_ptr + page * stride_k_blk + k_base,
+                                mask=cached, other=0.0).to(tl.float32)  # [BLOCK_SIZE, HEAD_PAD]
+                    v = tl.load(v_cache_ptr + page * stride_v_blk + v_base,
+                                mask=cached, other=0.0).to(tl.float32)  # [BLOCK_SIZE, HEAD_PAD]
+                own = (k_pos == pos)[:, None]
+                k = tl.where(own, k_new[None, :], k)
+                v = tl.where(own, v_new[None, :], v)
+
+                s = tl.sum(q[:, None, :] * k[None, :, :], axis=2) * scale  # [GROUP_PAD, BLOCK_SIZE]
+                kp = k_pos[None, :]
+                visible = kp < SINK
+                if WINDOW > 0:
+                    visible = visible | (pos - kp < WINDOW)
+                if LOCAL_BLOCKS > 0:
+                    visible = visible | (pos // PBLOCK - kp // PBLOCK < LOCAL_BLOCKS)
+                if VERT_STRIDE > 0:
+                    visible = visible | ((kp // PBLOCK + 1) % VERT_STRIDE == 0)
+                visible = visible & (kp <= pos) & g_ok[:, None]  # [GROUP_PAD, BLOCK_SIZE]
+
+                s = tl.where(visible, s, -1.0e30)
+                m_new = tl.maximum(m_i, tl.max(s, axis=1))
+                alpha = tl.exp(m_i - m_new)
+                p = tl.where(visible, tl.exp(s - m_new[:, None]), 0.0)
+                l_i = l_i * alpha + tl.sum(p, axis=1)
+                acc = acc * alpha[:, None] + tl.sum(p[:, :, None] * v[None, :, :], axis=1)
+                m_i = m_new
+            n += 1
+            pg += 1
+
+    part = (req * num_heads + head) * NUM_SPLITS + split  # [GROUP_PAD]
+    tl.store(m_part_ptr + part, m_i, mask=g_ok)
+    tl.store(l_part_ptr + part, l_i, mask=g_ok)
+    tl.store(acc_part_ptr + part[:, None] * HEAD_PAD + d[None, :], acc, mask=g_ok[:, None])
+
+
+def _sparse_decode_merge_kernel(
+    out_ptr,  # [num_tokens, num_heads, head_size]
+    m_part_ptr,  # [num_reqs, num_heads, NUM_SPLITS] fp32
+    l_part_ptr,  # [num_reqs, num_heads, NUM_SPLITS] fp32
+    acc_part_ptr,  # [num_reqs, num_heads, NUM_SPLITS, HEAD_PAD] fp32
+    query_start_loc_ptr,  # [num_reqs + 1]
+    num_heads,
+    stride_o_tok, stride_o_head,
+    HEAD_SIZE: tl.constexpr,
+    HEAD_PAD: tl.constexpr,
+    NUM_SPLITS: tl.constexpr,
+):
+    req = tl.program_id(0)
+    head = tl.program_id(1)
+    tok = tl.load(query_start_loc_ptr + req)
+    if tl.load(query_start_loc_ptr + req + 1) > tok:  # no output row otherwise
+        sp = tl.arange(0, NUM_SPLITS)
+        d = tl.arange(0, HEAD_PAD)
+        base = (req * num_heads + head) * NUM_SPLITS
+        m = tl.load(m_part_ptr + base + sp)  # [NUM_SPLITS]
+        l = tl.load(l_part_ptr + base + sp)
+        acc = tl.load(acc_part_ptr + (base + sp)[:, None] * HEAD_PAD + d[None, :])
+        m_max = tl.max(m, axis=0)
+        w = tl.exp(m - m_max)  # empty splits: m = -1e30, l = 0 -> weight 0
+        l_tot = tl.sum(l * w, axis=0)
+        o = tl.sum(acc * w[:, None], axis=0) / tl.where(l_tot > 0, l_tot, 1.0)
+        tl.store(
+            out_ptr + tok * stride_o_tok + head * stride_o_head + d,
+            o.to(out_ptr.dtype.element_ty), mask=d < HEAD_SIZE,
+        )
+
+
+def sparse_decode(
+    query: torch.Tensor,  # [num_tokens, num_heads, head_size]
+    key: torch.Tensor,  # [num_tokens, num_kv_heads, head_size] this step's keys
+    value: torch.Tensor,  # [num_tokens, num_kv_heads, head_size] this step's values
+    key_cache: torch.Tensor,  # [num_blocks, num_kv_heads, block_size, head_size]
+    value_cache: torch.Tensor,  # [num_blocks, num_kv_heads, block_size, head_size]
+    block_table: torch.Tensor,  # [num_reqs, max_blocks_per_req]
+    query_start_loc: torch.Tensor,  # [num_reqs + 1], every query_len 0 or 1
+    seq_lens: torch.Tensor,  # [num_reqs]
+    scale: float,
+    pattern: SparsePattern,
+    out: torch.Tensor | None = None,
+    num_splits: int = 8,
+) -> torch.Tensor:
+    """Sparse attention for decode steps; equals
+    ``reference.sparse_attention_ref`` when every query_len is 0 or 1 (not
+    checked: that would need a device sync). Rows of ``out`` that belong to
+    no request are left untouched.
+
+    Cache pages that no query of this step needs
+    (``pattern.block_needed`` false) may be freed: their ``block_table``
+    entries are never followed. ``num_splits`` (a power of two) is the
+    split-KV factor.
+    """
+    check_sparse_attention(
+        query, key, value, key_cache, value_cache, block_table, query_start_loc,
+        seq_lens, pattern, out,
+    )
+    if num_splits < 1 or num_splits & (num_splits - 1):
+        raise ValueError(f"num_splits: expected a power of two >= 1, got {num_splits}")
+    if out is None:
+        out = torch.empty_like(query)
+    num_reqs = seq_lens.shape[0]
+    if num_reqs == 0:
+        return out
+    _, num_heads, head_size = query.shape
+    num_kv_heads, block_size = key_cache.shape[1], key_cache.shape[2]
+    group = num_heads // num_kv_heads
+    head_pad = max(16, _triton.next_pow2(head_size))
+    dev = query.device
+    m_part = torch.empty(num_reqs, num_heads, num_splits, dtype=torch.float32, device=dev)
+    l_part = torch.empty_like(m_part)
+    acc_part = torch.empty(
+        num_reqs, num_heads, num_splits, head_pad, dtype=torch.float32, device=dev
+    )
+    split_kernel = _triton.jit(_sparse_decode_split_kernel)
+    split_kernel[(num_reqs, num_kv_heads, num_splits)](
+        m_part, l_part, acc_part, query, key, value, key_cache, value_cache, block_table,
+        query_start_loc, seq_lens, num_heads, float(scale),
+        query.stride(0), query.stride(1),
+        key.stride(0), key.stride(1),
+        value.stride(0), value.stride(1),
+        key_cache.stride(0), key_cache.stride(1), key_cache.stride(2),
+        value_cache.stride(0), value_cache.stride(1), value_cache.stride(2),
+        block_table.stride(0),
+        SINK=pattern.sink, WINDOW=pattern.window, PBLOCK=max(1, pattern.block),
+        LOCAL_BLOCKS=pattern.local_blocks, VERT_STRIDE=pattern.vert_stride,
+        QUERIES_PER_KV=group, GROUP_PAD=_triton.next_pow2(group), HEAD_SIZE=head_size,
+        HEAD_PAD=head_pad, BLOCK_SIZE=block_size, NUM_SPLITS=num_splits,
+    )
+    merge_kernel = _triton.jit(_sparse_decode_merge_kernel)
+    merge_kernel[(num_reqs, num_heads)](
+        out, m_part, l_part, acc_part, query_start_loc, num_heads,
+        out.stride(0), out.stride(1),
+        HEAD_SIZE=head_size, HEAD_PAD=head_pad, NUM_SPLITS=num_splits,
+    )
+    return out
