@@ -142,13 +142,17 @@ def test_real_text_errors(tokenizer) -> None:
 
 # ---------------------------------------------------------------- end to end
 @pytest.mark.parametrize(
-    ("kind", "pattern", "num_full"),
+    ("kind", "pattern", "num_full", "want"),
     [
-        ("sink_window", {"sink": 4, "window": 32}, 10),
-        ("strided", {"sink": 4, "block": 16, "local_blocks": 2, "vert_stride": 4}, 3),
+        ("sink_window", {"sink": 4, "window": 32, "block": 1}, 10, SparsePattern(sink=4, window=32)),
+        ("sink_window", {"sink": 16, "window": 32, "block": 16}, 10,
+         SparsePattern(sink=16, block=16, local_blocks=2)),
+        ("strided", {"sink": 4, "block": 16, "local_blocks": 2, "vert_stride": 4}, 3,
+         SparsePattern(sink=4, block=16, local_blocks=2, vert_stride=4)),
     ],
 )
-def test_end_to_end(model_path: str, tmp_path: Path, kind: str, pattern: dict, num_full: int) -> None:
+def test_end_to_end(model_path: str, tmp_path: Path, kind: str, pattern: dict, num_full: int,
+                    want: SparsePattern) -> None:
     out = tmp_path / "map.json"
     threads = torch.get_num_threads()
     rc = main([
@@ -164,7 +168,7 @@ def test_end_to_end(model_path: str, tmp_path: Path, kind: str, pattern: dict, n
     assert len(cfg.full_layer_indices) == num_full
     assert list(cfg.full_layer_indices) == report["full_layers"]
     assert {p.kind for p in cfg.layers} == {"full", kind}
-    assert cfg.patterns[kind] == SparsePattern(**pattern)
+    assert cfg.patterns[kind] == want
     scores = [row["score"] for row in report["layers"]]
     assert all(0.0 <= s <= 1.0 for s in scores)
     assert all(len(row["heads"]) == 9 for row in report["layers"])

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 
+from vllm_adaptive.pattern import SparsePattern
 from vllm_adaptive.config import (
     AdaptiveConfigError,
     check_kernels_for_device,
@@ -48,6 +49,7 @@ def test_layer_table_lookup():
         ({"sink_window": {"window": 0}}, r"adaptive_attention\.sink_window\.window: expected an int >= 1, got 0"),
         ({"sink_window": {"sink": -1}}, r"adaptive_attention\.sink_window\.sink: expected an int >= 0, got -1"),
         ({"sink_window": {"windw": 8}}, r"adaptive_attention\.sink_window: unknown key\(s\) \['windw'\]"),
+        ({"sink_window": {"window": 100}}, r"adaptive_attention\.sink_window\.window: expected a multiple of sink_window\.block \(128; or block 1 for a token window\), got 100"),
         ({"strided": {"vert_stride": 1}}, r"adaptive_attention\.strided\.vert_stride: expected 0 \(off\) or an int >= 2, got 1"),
         ({"strided": 64}, r"adaptive_attention\.strided: expected a dict with keys"),
         (42, r"adaptive_attention: expected a preset name .* got int 42"),
@@ -82,7 +84,11 @@ def test_longgen_presets_place_the_middle_third_full():
     cfg = parse_config("longgen", 30)
     assert cfg.full_layer_indices == tuple(range(10, 20)) == middle_third(30)
     assert {p.kind for p in cfg.layers if p.layer_idx not in range(10, 20)} == {"sink_window"}
-    assert cfg.pattern("sink_window").window == 768 and cfg.pattern("full") is None
+    # LongGen's block-granular sink + window: 128 sink tokens, the last 6 blocks of 128
+    assert cfg.pattern("sink_window") == SparsePattern(sink=128, block=128, local_blocks=6)
+    assert cfg.pattern("full") is None
+    exact = parse_config({"preset": "longgen", "sink_window": {"block": 1, "sink": 64}}, 30)
+    assert exact.pattern("sink_window") == SparsePattern(sink=64, window=768)
     strided = parse_config({"preset": "longgen-strided", "strided": {"vert_stride": 4}}, 30)
     assert strided.sparse_kinds_used == ("strided",)
     assert strided.pattern("strided").vert_stride == 4  # overrides key by key
@@ -107,13 +113,15 @@ def test_engine_dependent_checks():
     check_against_engine(parse_config("longgen-strided", 30), 128, 8192)
     with pytest.raises(AdaptiveConfigError, match=r"strided\.block: expected a multiple of the KV cache block size \(96\), got 128"):
         check_against_engine(parse_config("longgen-strided", 30), 96, 8192)
-    big = parse_config({"preset": "longgen", "sink_window": {"window": 8192}}, 30)
+    big = parse_config({"preset": "longgen", "sink_window": {"window": 8192, "block": 1}}, 30)
     with pytest.raises(AdaptiveConfigError, match=r"sink_window: the pattern .* max_model_len=8192, so it would free nothing"):
         check_against_engine(big, 128, 8192)
 
 
 def test_vllm_cpu_kernels_cannot_run_token_windows():
     with pytest.raises(AdaptiveConfigError, match="kernels: expected 'auto', 'torch' or 'triton'"):
-        check_kernels_for_device(parse_config({"preset": "longgen", "kernels": "vllm_cpu"}, 30), "cpu")
+        check_kernels_for_device(parse_config(
+            {"preset": "longgen", "kernels": "vllm_cpu", "sink_window": {"block": 1}}, 30), "cpu")
+    check_kernels_for_device(parse_config({"preset": "longgen", "kernels": "vllm_cpu"}, 30), "cpu")
     # block-aligned strided layers can (the block size is checked at start-up)
     check_kernels_for_device(parse_config({"preset": "longgen-strided", "kernels": "vllm_cpu"}, 30), "cpu")

@@ -29,13 +29,15 @@ SECRET = ("The secret code is 48213. Keep it in mind. "
                      zip(range(60), ["red", "blue", "green", "brown", "white"] * 12))
           + " Question: what is the secret code? Answer: the secret code is")
 BASE = dict(prompts=PROMPTS + [SECRET], max_tokens=48, max_model_len=4096)
-SMALL = {"preset": "longgen", "kernels": "torch", "sink_window": {"sink": 32, "window": 96}}
+# token-exact window (block 1): the torch path, with in-step freeing
+SMALL = {"preset": "longgen", "kernels": "torch", "sink_window": {"sink": 32, "window": 96, "block": 1}}
 # block-aligned for 32-token blocks: runs on vLLM's CPU kernel (pseudo requests)
 STRIDED = {"preset": "longgen-strided",
            "strided": {"sink": 32, "block": 32, "local_blocks": 2, "vert_stride": 4}}
 # every layer sparse: nothing beyond the pattern can reach the output
 ALL_SPARSE = {**SMALL, "full_layers": []}
-COVER = {"preset": "longgen", "kernels": "torch", "sink_window": {"sink": 0, "window": 2048}}
+COVER = {"preset": "longgen", "kernels": "torch",
+         "sink_window": {"sink": 0, "window": 2048, "block": 1}}
 
 _cache: dict[str, dict] = {}
 
@@ -101,11 +103,10 @@ def test_strided_on_vllm_cpu_kernel_equals_torch_path():
 
 
 def test_longgen_holds_more_requests_in_the_same_kv_space():
-    space = 256 * 2**20
-    full = result("cap_full", backend="ADAPTIVE", adaptive_attention="full",
-                  prompts=["Hi"], max_tokens=2, kv_cache_memory_bytes=space, block_size=128)
-    sparse = result("cap_longgen", backend="ADAPTIVE", adaptive_attention="longgen",
-                    prompts=["Hi"], max_tokens=2, kv_cache_memory_bytes=space, block_size=128)
+    cap = dict(backend="ADAPTIVE", prompts=["Hi"], max_tokens=2, kv_cache_memory_bytes=512 * 2**20,
+               block_size=128, max_model_len=8192)
+    full = result("cap_full", adaptive_attention="full", **cap)
+    sparse = result("cap_longgen", adaptive_attention="longgen", **cap)
     assert sparse["num_gpu_blocks"] < full["num_gpu_blocks"] * 1.01  # same bytes
     ratio = sparse["kv_cache_max_concurrency"] / full["kv_cache_max_concurrency"]
     assert ratio > 1.8, (full, sparse)

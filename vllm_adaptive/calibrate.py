@@ -61,7 +61,7 @@ import torch
 
 from vllm_adaptive.config import (
     CONFIG_KEY,
-    KIND_KEYS,
+    KIND_DEFAULTS,
     SPARSE_KINDS,
     parse_config,
 )
@@ -191,8 +191,7 @@ def resolve_pattern(
     if kind not in SPARSE_KINDS:
         raise ValueError(f"kind must be one of {list(SPARSE_KINDS)}, got {kind!r}")
     cfg = parse_config({"preset": PRESET_OF_KIND[kind], kind: overrides}, num_layers)
-    pattern = cfg.patterns[kind]
-    return pattern, {k: getattr(pattern, k) for k in KIND_KEYS[kind]}
+    return cfg.patterns[kind], {**KIND_DEFAULTS[kind], **overrides}
 
 
 def calibrate(

@@ -32,7 +32,7 @@ SPARSE_KINDS: tuple[str, ...] = ("sink_window", "strided")
 
 #: Allowed keys of each sparse kind's sub-dict, and their pattern fields.
 KIND_KEYS: dict[str, tuple[str, ...]] = {
-    "sink_window": ("sink", "window"),
+    "sink_window": ("sink", "window", "block"),
     "strided": ("sink", "block", "local_blocks", "vert_stride"),
 }
 
@@ -45,10 +45,17 @@ KERNELS: tuple[str, ...] = ("auto", "vllm_cpu", "torch", "triton")
 
 # Pattern sizes are tokens. The defaults are sized for an 8K-context model
 # (SmolLM2): LongGen's own runs keep a window of a few percent of the context.
-_SINK_WINDOW = {"sink": 64, "window": 768}
+# ``block`` > 1 makes the window block-granular, as in LongGen's block-sparse
+# kernels: the queries of one ``block``-token block all read the same keys
+# (the last window/block blocks), which on CPU runs on vLLM's own kernel.
+# block = 1 is the token-exact window (the torch path on CPU).
+_SINK_WINDOW = {"sink": 128, "window": 768, "block": 128}
 # Block-aligned for cache blocks of up to 128 tokens (vLLM's CPU default), so
 # that on CPU these layers run on vLLM's own attention kernel.
 _STRIDED = {"sink": 128, "block": 128, "local_blocks": 4, "vert_stride": 8}
+
+#: Each sparse kind's default sub-dict (presets and users override key by key).
+KIND_DEFAULTS: dict[str, dict[str, int]] = {"sink_window": _SINK_WINDOW, "strided": _STRIDED}
 
 PRESETS: dict[str, dict[str, Any]] = {
     # No compression: every layer keeps full attention. Outputs must equal
@@ -253,7 +260,7 @@ def _pattern(kind: str, value: Any) -> SparsePattern:
         raise AdaptiveConfigError(
             f"{CONFIG_KEY}.{kind}: unknown key(s) {unknown}; allowed keys are {list(keys)}"
         )
-    merged = {**(_SINK_WINDOW if kind == "sink_window" else _STRIDED), **value}
+    merged = {**KIND_DEFAULTS[kind], **value}
     for k in keys:
         v = merged[k]
         minimum = 1 if k in ("window", "block", "local_blocks") else 0
@@ -261,6 +268,17 @@ def _pattern(kind: str, value: Any) -> SparsePattern:
             raise _err(f"{kind}.{k}", f"an int >= {minimum}", v)
         if k == "vert_stride" and v == 1:  # every block: that is full attention
             raise _err(f"{kind}.{k}", "0 (off) or an int >= 2", v)
+    if kind == "sink_window":
+        sink, window, block = merged["sink"], merged["window"], merged["block"]
+        if block == 1:
+            return SparsePattern(sink=sink, window=window)
+        if window % block:
+            raise _err(
+                "sink_window.window",
+                f"a multiple of sink_window.block ({block}; or block 1 for a token window)",
+                window,
+            )
+        return SparsePattern(sink=sink, block=block, local_blocks=window // block)
     return SparsePattern(**{k: merged[k] for k in keys})
 
 
