@@ -76,12 +76,12 @@ def test_server_uses_adaptive(server):
 
 
 def test_prompt_longer_than_the_window(client):
-    # ~1,500 tokens: the sparse layers keep 64 sink + 768 window tokens
-    facts = " ".join(f"Fact {i}: the number {i} is followed by {i + 1}." for i in range(120))
-    r = client.completions.create(model="smollm2", prompt=facts + " Fact 120: the number 120 is followed by",
+    # ~1,300 tokens: the sparse layers keep 128 sink + 768 window tokens
+    facts = " ".join(f"Fact {i}: the number {i} is followed by {i + 1}." for i in range(75))
+    r = client.completions.create(model="smollm2", prompt=facts + " Fact 75: the number 75 is followed by",
                                   max_tokens=4, temperature=0)
-    assert r.usage.prompt_tokens > 1200
-    assert "121" in r.choices[0].text
+    assert r.usage.prompt_tokens > 1000
+    assert "76" in r.choices[0].text
 
 
 def test_completion(client):
