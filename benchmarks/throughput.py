@@ -100,6 +100,7 @@ def run_one(spec: dict) -> dict:
         **spec, "prefill_s": p, "decode_steps": steps, "decode_window_s": t_first_done - t_all_started,
         "prefill_tok_s": B * L / p, "decode_tok_s": B * steps / (t_first_done - t_all_started),
         "kv_cache_tokens": cache.num_gpu_blocks * cache.block_size,
+        "loadavg_1m_at_end": os.getloadavg()[0],
         "kv_cache_max_concurrency": getattr(cache, "kv_cache_max_concurrency", None),
     }
 
