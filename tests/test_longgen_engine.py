@@ -11,6 +11,8 @@
   but later read, changes the output of at least one of these.
 * Kernels: block-aligned strided layers on vLLM's CPU kernel (pseudo
   requests) give the same tokens as on the plugin's torch path.
+* Batching: the ``longgen`` preset itself (block 128, vLLM's CPU kernel) gives
+  the same tokens when long prompts share engine steps as when each runs alone.
 * Capacity: the same KV space holds more 4K-token requests with ``longgen``.
 """
 
@@ -112,3 +114,23 @@ def test_longgen_holds_more_requests_in_the_same_kv_space():
     sparse = result("cap_longgen", adaptive_attention="longgen", **cap)
     ratio = sparse["kv_cache_max_concurrency"] / full["kv_cache_max_concurrency"]
     assert ratio > 1.8, (full, sparse)
+
+
+# Three prompts of 2.5K-3.5K tokens: longer than longgen's sink + 6 blocks of
+# 128 (its sparse layers drop keys from position 896 on), prefilled in chunks
+# of 1024 that share steps when batched.
+_COLOURS = ["red", "blue", "green", "brown", "white", "black", "grey"]
+LONG = [f"Inventory list {k}, written by clerk number {k}. "
+        + " ".join(f"Item {i}: a {_COLOURS[(i + k) % 7]} box sits on shelf {(i * k) % 11}."
+                   for i in range(150 + 40 * k))
+        + " Question: which shelf holds item 3? Answer: item 3 is on shelf"
+        for k in (1, 2, 3)]
+
+
+def test_longgen_preset_batched_equals_one_at_a_time():
+    spec = dict(backend="ADAPTIVE", adaptive_attention="longgen", prompts=LONG, max_tokens=24,
+                max_model_len=4096, block_size=128, max_num_batched_tokens=1024)
+    batched = result("longgen_batched", **spec)
+    alone = result("longgen_alone", **spec, sequential=True)
+    assert min(batched["prompt_lens"]) > 2 * 896, batched["prompt_lens"]
+    _same(batched, alone)

@@ -129,3 +129,23 @@ def test_config_key_with_another_backend_is_refused(model_path):
 def test_stock_configs_untouched(model_path):
     cfg = _engine_config(model_path)
     assert cfg.attention_config.backend is None
+
+
+def test_every_subpackage_ships_in_a_regular_install():
+    """The editable install used here finds subpackages on disk; a wheel ships
+    only what ``[tool.setuptools] packages`` lists, so a subpackage missing
+    there breaks ``pip install vllm-adaptive`` (as ``vllm_adaptive.kv`` once did)."""
+    import tomllib
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    cfg = tomllib.loads((root / "pyproject.toml").read_text())["tool"]["setuptools"]
+    listed = set(cfg["packages"])
+    on_disk = {
+        ".".join(p.parent.relative_to(root).parts)
+        for p in (root / "vllm_adaptive").rglob("__init__.py")
+    }
+    on_disk |= {"vllm_adaptive.patches"} if (root / "patches" / "__init__.py").is_file() else set()
+    assert on_disk <= listed, f"not listed in pyproject.toml packages: {sorted(on_disk - listed)}"
+    for pkg in listed - set(cfg.get("package-dir", {})):
+        assert (root / pkg.replace(".", "/") / "__init__.py").is_file(), pkg
