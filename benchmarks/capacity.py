@@ -51,14 +51,13 @@ Writes benchmarks/results/capacity.json and prints markdown tables.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import random
 import sys
 import time
-from pathlib import Path
 
-from passkey import DEFAULT_MAPS, RESULTS, engine_kwargs, full_layers_of, load_spec, meta, resolve_map, run_subprocess
+from passkey import (DEFAULT_MAPS, RESULTS, add_child_args, engine_kwargs, full_layers_of, meta, resolve_map,
+                     run_child, run_subprocess, write_doc)
 
 GREP = ("KV cache size", "Maximum concurrency", "KV cache on node", "prefix caching", "GPU KV cache")
 
@@ -198,10 +197,9 @@ def main() -> None:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--skip-account", action="store_true", help="only the measured runs")
     ap.add_argument("--out", default=str(RESULTS / "capacity.json"))
-    ap.add_argument("--one", help=argparse.SUPPRESS)
+    add_child_args(ap, sequential=False)
     ns = ap.parse_args()
-    if ns.one:
-        print("RESULT " + json.dumps(run_one(load_spec(ns.one))), flush=True)
+    if run_child(ns, run_one):
         return
     env_space = os.environ.get("VLLM_CPU_KVCACHE_SPACE") or None
     space_source = (f"VLLM_CPU_KVCACHE_SPACE={env_space} GiB (overrides --kv-bytes inside vLLM)"
@@ -235,8 +233,7 @@ def main() -> None:
                     "(VLLM_CPU_KVCACHE_SPACE removed from the engine's environment)",
                     "dtype": "bfloat16", "max_num_batched_tokens": ns.chunk},
            "rows": rows}
-    Path(ns.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(ns.out).write_text(json.dumps(doc, indent=1))
+    write_doc(ns.out, doc)
     print(tables(rows))
 
 

@@ -130,6 +130,37 @@ def load_spec(arg: str) -> dict:
     return json.loads(Path(arg[1:]).read_text() if arg.startswith("@") else arg)
 
 
+def add_child_args(ap: argparse.ArgumentParser, sequential: bool = True) -> None:
+    """``--one`` (the child process of :func:`run_subprocess`) and, for scripts
+    that generate from prompts, ``--sequential``."""
+    if sequential:
+        ap.add_argument("--sequential", action="store_true",
+                        help="one prompt per generate call instead of one batch (the published runs "
+                        "used it; batched gives the same tokens: "
+                        "tests/test_longgen_engine.py::test_longgen_preset_batched_equals_one_at_a_time)")
+    ap.add_argument("--one", help=argparse.SUPPRESS)
+
+
+def run_child(ns: argparse.Namespace, run_one) -> bool:
+    """In the child process (``--one SPEC``): run it, print its RESULT line."""
+    if not ns.one:
+        return False
+    print("RESULT " + json.dumps(run_one(load_spec(ns.one))), flush=True)
+    return True
+
+
+def generate(llm, prompts: list, sp, sequential: bool) -> list:
+    """All prompts as one ``generate`` batch, or one call each (``--sequential``)."""
+    if sequential:
+        return [llm.generate([p], sp, use_tqdm=False)[0] for p in prompts]
+    return llm.generate(prompts, sp, use_tqdm=False)
+
+
+def write_doc(out: str, doc: dict) -> None:
+    Path(out).parent.mkdir(parents=True, exist_ok=True)
+    Path(out).write_text(json.dumps(doc, indent=1))
+
+
 def full_layers_of(amap) -> list[int] | None:
     """The full-attention layers of a map (None for stock vLLM)."""
     if amap is None:
@@ -197,10 +228,7 @@ def run_one(spec: dict) -> dict:
     sp = SamplingParams(temperature=0, max_tokens=spec["max_tokens"])
     t0 = time.time()
     prompts = [TokensPrompt(prompt_token_ids=c["prompt_ids"]) for c in cases]
-    if spec.get("sequential"):  # one prompt per generate call, see --sequential
-        outs = [llm.generate([p], sp, use_tqdm=False)[0] for p in prompts]
-    else:
-        outs = llm.generate(prompts, sp, use_tqdm=False)
+    outs = generate(llm, prompts, sp, spec.get("sequential", False))
     gen_s = time.time() - t0
     rows = []
     for c, o in zip(cases, outs):
@@ -263,14 +291,9 @@ def main() -> None:
     ap.add_argument("--no-preamble", action="store_true", help="leave out the task description line")
     ap.add_argument("--merge", action="store_true",
                     help="keep the other maps already in --out (same settings required)")
-    ap.add_argument("--sequential", action="store_true",
-                    help="one prompt per generate call instead of one batch (the published runs "
-                    "used it; batched gives the same tokens: "
-                    "tests/test_longgen_engine.py::test_longgen_preset_batched_equals_one_at_a_time)")
-    ap.add_argument("--one", help=argparse.SUPPRESS)
+    add_child_args(ap)
     ns = ap.parse_args()
-    if ns.one:
-        print("RESULT " + json.dumps(run_one(load_spec(ns.one))), flush=True)
+    if run_child(ns, run_one):
         return
     from transformers import AutoTokenizer
 
@@ -301,8 +324,7 @@ def main() -> None:
     results, commands = merge(ns.out, results, settings) if ns.merge else (results, [])
     doc = {"meta": {**meta(sys.argv), "settings": settings, "earlier_commands": commands},
            "maps": results}
-    Path(ns.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(ns.out).write_text(json.dumps(doc, indent=1))
+    write_doc(ns.out, doc)
     print(tables(results, ns.lengths, ns.depths))
 
 

@@ -31,13 +31,12 @@ Writes benchmarks/results/perplexity.json and prints a markdown table.
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import sys
 import time
-from pathlib import Path
 
-from passkey import DEFAULT_MAPS, RESULTS, engine_kwargs, full_layers_of, load_spec, meta, resolve_map, run_subprocess
+from passkey import (DEFAULT_MAPS, RESULTS, add_child_args, engine_kwargs, full_layers_of, generate, meta,
+                     resolve_map, run_child, run_subprocess, write_doc)
 
 TAIL_FROM = 2048  # positions p > TAIL_FROM form the "tail"
 # [lo, hi) position ranges (832 was sink + window of an earlier longgen preset;
@@ -58,10 +57,7 @@ def run_one(spec: dict) -> dict:
     sp = SamplingParams(temperature=0, max_tokens=1, prompt_logprobs=0)
     t0 = time.time()
     prompts = [TokensPrompt(prompt_token_ids=w) for w in windows]
-    if spec.get("sequential"):  # one prompt per generate call, see --sequential
-        outs = [llm.generate([p], sp, use_tqdm=False)[0] for p in prompts]
-    else:
-        outs = llm.generate(prompts, sp, use_tqdm=False)
+    outs = generate(llm, prompts, sp, spec.get("sequential", False))
     gen_s = time.time() - t0
     nll = []  # per window: NLL of positions 1..L-1
     for w, o in zip(windows, outs):
@@ -118,14 +114,9 @@ def main() -> None:
     ap.add_argument("--kv-bytes", type=int, default=1 << 30)
     ap.add_argument("--chunk", type=int, default=2048, help="max_num_batched_tokens")
     ap.add_argument("--out", default=str(RESULTS / "perplexity.json"))
-    ap.add_argument("--sequential", action="store_true",
-                    help="one prompt per generate call instead of one batch (the published runs "
-                    "used it; batched gives the same tokens: "
-                    "tests/test_longgen_engine.py::test_longgen_preset_batched_equals_one_at_a_time)")
-    ap.add_argument("--one", help=argparse.SUPPRESS)
+    add_child_args(ap)
     ns = ap.parse_args()
-    if ns.one:
-        print("RESULT " + json.dumps(run_one(load_spec(ns.one))), flush=True)
+    if run_child(ns, run_one):
         return
     from transformers import AutoTokenizer
 
@@ -155,8 +146,7 @@ def main() -> None:
                     "kv_cache_memory_bytes": ns.kv_bytes, "max_num_batched_tokens": ns.chunk,
                     "sequential": ns.sequential},
            "maps": results}
-    Path(ns.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(ns.out).write_text(json.dumps(doc, indent=1))
+    write_doc(ns.out, doc)
     print(table(results))
 
 
