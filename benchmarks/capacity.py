@@ -56,8 +56,8 @@ import random
 import sys
 import time
 
-from passkey import (DEFAULT_MAPS, RESULTS, add_child_args, engine_kwargs, full_layers_of, meta, resolve_map,
-                     run_child, run_subprocess, write_doc)
+from passkey import (DEFAULT_MAPS, RESULTS, add_child_args, full_layers_of, meta, resolve_map,
+                     run_child, run_subprocess, start_engine, write_doc)
 
 GREP = ("KV cache size", "Maximum concurrency", "KV cache on node", "prefix caching", "GPU KV cache")
 
@@ -72,16 +72,14 @@ def _metrics(engine) -> dict:
 
 
 def run_one(spec: dict) -> dict:
-    from vllm import LLM, SamplingParams
+    from vllm import SamplingParams
     from vllm.inputs import TokensPrompt
 
     m = spec["map"]
     kw = dict(kv_cache_memory_bytes=spec["kv_bytes"], max_num_batched_tokens=spec["chunk"])
     if spec["mode"] == "measure":
         kw["disable_log_stats"] = False
-    t0 = time.time()
-    llm = LLM(**engine_kwargs(m, **kw))
-    start_s = time.time() - t0
+    llm, start_s = start_engine(m, **kw)
     cc = llm.llm_engine.vllm_config.cache_config
     res = {"map": m["name"], "mode": spec["mode"], "start_s": round(start_s, 1),
            "kv_cache_memory_bytes": cc.kv_cache_memory_bytes, "num_gpu_blocks": cc.num_gpu_blocks,

@@ -101,6 +101,15 @@ def engine_kwargs(m: dict, **kw) -> dict:
     return args
 
 
+def start_engine(m: dict, **kw):
+    """``(LLM for map m, seconds its start took)``; ``kw`` as in :func:`engine_kwargs`."""
+    from vllm import LLM
+
+    t0 = time.time()
+    llm = LLM(**engine_kwargs(m, **kw))
+    return llm, time.time() - t0
+
+
 def run_subprocess(script: str, spec: dict, timeout: int = 7200, env: dict | None = None,
                    grep: tuple[str, ...] = ()) -> dict:
     """Re-run ``script --one SPEC`` in a fresh process; return its RESULT line
@@ -216,14 +225,12 @@ def make_cases(tok, lengths, depths, reps, seed, fmt, preamble=True) -> list[dic
 
 # ----------------------------------------------------------------------------- one engine
 def run_one(spec: dict) -> dict:
-    from vllm import LLM, SamplingParams
+    from vllm import SamplingParams
     from vllm.inputs import TokensPrompt
 
     m = spec["map"]
-    t0 = time.time()
-    llm = LLM(**engine_kwargs(m, kv_cache_memory_bytes=spec["kv_bytes"],
-                              max_num_batched_tokens=spec["chunk"]))
-    start_s = time.time() - t0
+    llm, start_s = start_engine(m, kv_cache_memory_bytes=spec["kv_bytes"],
+                                max_num_batched_tokens=spec["chunk"])
     cases = spec["cases"]
     sp = SamplingParams(temperature=0, max_tokens=spec["max_tokens"])
     t0 = time.time()

@@ -35,8 +35,8 @@ import math
 import sys
 import time
 
-from passkey import (DEFAULT_MAPS, RESULTS, add_child_args, engine_kwargs, full_layers_of, generate, meta,
-                     resolve_map, run_child, run_subprocess, write_doc)
+from passkey import (DEFAULT_MAPS, RESULTS, add_child_args, full_layers_of, generate, meta,
+                     resolve_map, run_child, run_subprocess, start_engine, write_doc)
 
 TAIL_FROM = 2048  # positions p > TAIL_FROM form the "tail"
 # [lo, hi) position ranges (832 was sink + window of an earlier longgen preset;
@@ -45,14 +45,12 @@ BUCKETS = [(1, 832), (832, 2049), (2049, 4096), (4096, 6144), (6144, 8192)]
 
 
 def run_one(spec: dict) -> dict:
-    from vllm import LLM, SamplingParams
+    from vllm import SamplingParams
     from vllm.inputs import TokensPrompt
 
     m = spec["map"]
-    t0 = time.time()
-    llm = LLM(**engine_kwargs(m, kv_cache_memory_bytes=spec["kv_bytes"],
-                              max_num_batched_tokens=spec["chunk"]))
-    start_s = time.time() - t0
+    llm, start_s = start_engine(m, kv_cache_memory_bytes=spec["kv_bytes"],
+                                max_num_batched_tokens=spec["chunk"])
     windows = spec["windows"]
     sp = SamplingParams(temperature=0, max_tokens=1, prompt_logprobs=0)
     t0 = time.time()
