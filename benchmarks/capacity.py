@@ -122,7 +122,9 @@ def run_one(spec: dict) -> dict:
         # Every running request has finished its prompt, so the token budget is
         # free: a request still waiting is held back by KV space alone.
         if s["running"] and s["running"] == s["decoding"]:
-            if s["waiting"] == 0:
+            # every request has produced a token (the gauges alone can say
+            # "nothing waiting" before all requests have reached the engine)
+            if len(decoding) == n:
                 stop = "every request admitted (capacity is at least --requests)"
                 break
             settled += 1
