@@ -23,6 +23,23 @@ class PatchRecord:
     delete_when: str
 
 
+_MARK = "_vllm_adaptive_wrapped"
+
+
+def wrap(owner: type, name: str, make, *, classmethod_: bool = False) -> None:
+    """Replace ``owner.name`` by ``make(original)`` once (idempotent: a marked
+    wrapper is left alone). ``original`` is the plain function of a
+    classmethod; the wrapper keeps it as ``__wrapped__``."""
+    func = getattr(owner, name)
+    if getattr(func, _MARK, False):
+        return
+    original = func.__func__ if classmethod_ else func
+    wrapper = make(original)
+    setattr(wrapper, _MARK, True)
+    wrapper.__wrapped__ = original
+    setattr(owner, name, classmethod(wrapper) if classmethod_ else wrapper)
+
+
 def _modules():
     return [importlib.import_module(f"{__name__}.{m}") for m in MODULES]
 

@@ -4,7 +4,7 @@
 ``AttentionBackendEnum`` at run time. Enum members pickle as
 ``(AttentionBackendEnum, (value,))``, and EngineCore, mp workers and Ray actors
 unpickle the VllmConfig before vLLM loads plugins, so the lookup fails with
-"not a valid AttentionBackendEnum" (DESIGN.md trap 1). The member gets an
+"not a valid AttentionBackendEnum" (docs/VLLM_NOTES.md, trap 1). The member gets an
 instance-level ``__reduce_ex__`` that points at
 ``vllm_adaptive.restore_backend_member``, which registers the plugin in the
 fresh process and returns the member.

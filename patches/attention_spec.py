@@ -3,9 +3,9 @@
 ``Attention.get_kv_cache_spec`` builds a ``FullAttentionSpec`` for every layer
 without a sliding window, and the backend's ``customize_spec`` hook receives
 only the spec, not the layer, so it cannot tell a sparse layer from a full one.
-The wrap asks the original for its spec and, for a layer served by ADAPTIVE
-whose ``adaptive_attention`` kind is sparse, returns a ``SparsePatternSpec``
-with the same page shape. vLLM's hybrid KV-cache manager then puts those layers
+The wrap asks the original for its spec and, for a layer served by ADAPTIVE,
+returns the spec of the layer's plan (``startup.kv_spec_for_layer``): for a
+sparse kind a ``SparsePatternSpec`` with the same page shape. vLLM's hybrid KV-cache manager then puts those layers
 into their own groups, managed by ``kv/manager.py``.
 """
 
@@ -26,25 +26,21 @@ RECORD = PatchRecord(
     delete_when="the backend builds the layer's spec itself, with the layer's name",
 )
 
-_MARK = "_vllm_adaptive_wrapped"
-
-
 def apply() -> None:
     from vllm.model_executor.layers.attention.attention import Attention
 
-    original = Attention.get_kv_cache_spec
-    if getattr(original, _MARK, False):
-        return
+    from vllm_adaptive.patches import wrap
 
-    def get_kv_cache_spec(self, vllm_config):
-        spec = original(self, vllm_config)
-        backend = getattr(self, "attn_backend", None)
-        if spec is None or backend is None or backend.get_name() != "ADAPTIVE":
-            return spec
-        from vllm_adaptive.backend import sparse_spec_for_layer
+    def make(original):
+        def get_kv_cache_spec(self, vllm_config):
+            spec = original(self, vllm_config)
+            backend = getattr(self, "attn_backend", None)
+            if spec is None or backend is None or backend.get_name() != "ADAPTIVE":
+                return spec
+            from vllm_adaptive.startup import kv_spec_for_layer
 
-        return sparse_spec_for_layer(self.layer_name, spec, vllm_config)
+            return kv_spec_for_layer(self.layer_name, spec, vllm_config)
 
-    setattr(get_kv_cache_spec, _MARK, True)
-    get_kv_cache_spec.__wrapped__ = original
-    Attention.get_kv_cache_spec = get_kv_cache_spec
+        return get_kv_cache_spec
+
+    wrap(Attention, "get_kv_cache_spec", make)

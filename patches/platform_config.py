@@ -29,24 +29,20 @@ RECORD = PatchRecord(
     delete_when="vLLM offers a config-validation hook for general plugins",
 )
 
-_MARK = "_vllm_adaptive_wrapped"
-
-
 def apply() -> None:
     from vllm.platforms import current_platform
 
-    platform_cls = type(current_platform)
-    original = platform_cls.check_and_update_config
-    if getattr(original, _MARK, False):
-        return
+    from vllm_adaptive.patches import wrap
 
-    def check_and_update_config(cls, vllm_config):
-        from vllm_adaptive.backend import finalize_vllm_config, validate_vllm_config
+    def make(original):
+        def check_and_update_config(cls, vllm_config):
+            from vllm_adaptive.startup import finalize_vllm_config, validate_vllm_config
 
-        validate_vllm_config(vllm_config)
-        result = original.__func__(cls, vllm_config)
-        finalize_vllm_config(vllm_config)
-        return result
+            validate_vllm_config(vllm_config)
+            result = original(cls, vllm_config)
+            finalize_vllm_config(vllm_config)
+            return result
 
-    setattr(check_and_update_config, _MARK, True)
-    platform_cls.check_and_update_config = classmethod(check_and_update_config)
+        return check_and_update_config
+
+    wrap(type(current_platform), "check_and_update_config", make, classmethod_=True)

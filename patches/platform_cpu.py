@@ -2,7 +2,7 @@
 
 ``CpuPlatform.get_attn_backend_cls`` replaces any backend but CPU_ATTN with
 CPU_ATTN ("Cannot use ... on CPU"), and a platform plugin is skipped when
-``VLLM_TARGET_DEVICE=cpu`` (DESIGN.md trap 2). The wrap answers for ADAPTIVE
+``VLLM_TARGET_DEVICE=cpu`` (docs/VLLM_NOTES.md, trap 2). The wrap answers for ADAPTIVE
 only, after the backend's own ``validate_configuration`` (so an unsupported
 head size or dtype fails at start-up with the reasons), and delegates every
 other call to the original.
@@ -22,26 +22,24 @@ RECORD = PatchRecord(
     delete_when="CpuPlatform.get_attn_backend_cls honours registered custom backends",
 )
 
-_MARK = "_vllm_adaptive_wrapped"
-
-
 def apply() -> None:
     from vllm.platforms.cpu import CpuPlatform
 
-    original = CpuPlatform.get_attn_backend_cls
-    if getattr(original, _MARK, False):
-        return
+    from vllm_adaptive.patches import wrap
 
-    def get_attn_backend_cls(cls, selected_backend, attn_selector_config, num_heads=None):
-        from vllm_adaptive import BACKEND_NAME
+    def make(original):
+        def get_attn_backend_cls(cls, selected_backend, attn_selector_config, num_heads=None):
+            from vllm_adaptive import BACKEND_NAME
 
-        if selected_backend is not None and selected_backend.name == BACKEND_NAME:
-            from vllm_adaptive.backend import AdaptiveBackend, check_selectable, logger
+            if selected_backend is not None and selected_backend.name == BACKEND_NAME:
+                from vllm_adaptive.backend import AdaptiveBackend
+                from vllm_adaptive.startup import check_selectable, logger
 
-            check_selectable(attn_selector_config)
-            logger.info_once("Using %s attention backend on CPU.", BACKEND_NAME)
-            return f"{AdaptiveBackend.__module__}.{AdaptiveBackend.__qualname__}"
-        return original.__func__(cls, selected_backend, attn_selector_config, num_heads)
+                check_selectable(attn_selector_config)
+                logger.info_once("Using %s attention backend on CPU.", BACKEND_NAME)
+                return f"{AdaptiveBackend.__module__}.{AdaptiveBackend.__qualname__}"
+            return original(cls, selected_backend, attn_selector_config, num_heads)
 
-    setattr(get_attn_backend_cls, _MARK, True)
-    CpuPlatform.get_attn_backend_cls = classmethod(get_attn_backend_cls)
+        return get_attn_backend_cls
+
+    wrap(CpuPlatform, "get_attn_backend_cls", make, classmethod_=True)

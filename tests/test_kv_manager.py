@@ -14,8 +14,9 @@ import pytest
 import torch
 from vllm.v1.core.block_pool import BlockPool
 
-from vllm_adaptive.kv.manager import SparsePatternManager
-from vllm_adaptive.kv.spec import SparsePatternSpec, register_kv_specs
+from vllm_adaptive.kv import register_kv_specs
+from vllm_adaptive.kv.managers import SparsePatternManager
+from vllm_adaptive.kv.specs import SparsePatternSpec
 from vllm_adaptive.pattern import SparsePattern, cdiv
 
 PATTERNS = {

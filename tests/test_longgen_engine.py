@@ -21,7 +21,7 @@ from __future__ import annotations
 import pytest
 
 from conftest import run_engine
-from test_engine import PROMPTS
+from vllm_adaptive.text import SAMPLE_PROMPTS
 
 pytestmark = pytest.mark.engine
 
@@ -33,7 +33,7 @@ SECRET = ("Here is a list of boxes in a small warehouse, with their colours and 
           + " ".join(f"Item {i}: a {c} box sits on shelf {i % 7}." for i, c in
                      zip(range(60), ["red", "blue", "green", "brown", "white"] * 12))
           + " Question: what is the secret code? Answer: the secret code is")
-BASE = dict(prompts=PROMPTS + [SECRET], max_tokens=48, max_model_len=4096)
+BASE = dict(prompts=list(SAMPLE_PROMPTS) + [SECRET], max_tokens=48, max_model_len=4096)
 # token-exact window (block 1): the torch path, with in-step freeing
 SMALL = {"preset": "longgen", "kernels": "torch", "sink_window": {"sink": 32, "window": 96, "block": 1}}
 # block-aligned for 32-token blocks: runs on vLLM's CPU kernel (pseudo requests)

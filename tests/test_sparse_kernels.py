@@ -20,8 +20,9 @@ import torch
 from vllm_adaptive import reference as ref
 from vllm_adaptive.kernels.sparse_decode import sparse_decode
 from vllm_adaptive.kernels.sparse_prefill import sparse_prefill
-from vllm_adaptive.kv_layout import split_kv_cache
 from vllm_adaptive.pattern import SparsePattern
+
+from paged_cases import paged_case
 
 TOL = {torch.float32: 2e-5, torch.bfloat16: 2e-2}
 SCALE = 0.2
@@ -71,54 +72,12 @@ def case_id(v: object) -> str:
     return str(v).replace("torch.", "")
 
 
-def make_sparse_case(
-    seq_lens: list[int],
-    query_lens: list[int],
-    num_heads: int,
-    num_kv_heads: int,
-    block_size: int,
-    dtype: torch.dtype = torch.float32,
-    head_size: int = 32,
-    seed: int = 0,
-) -> dict[str, torch.Tensor]:
-    """Launcher kwargs (query .. seq_lens) for requests of the given lengths.
-
-    Each request owns ``cdiv(seq_len, block_size)`` distinct, shuffled pages;
-    other table entries point at an all-NaN page. Cache slots of positions
-    ``>= context_len`` are NaN too: those keys exist only in ``key``/``value``,
-    which are views into a fused ``[num_tokens, q | k | v heads, head_size]``
-    projection, as vLLM hands them over.
-    """
-    g = torch.Generator().manual_seed(seed)
-    pages = [math.ceil(s / block_size) for s in seq_lens]
-    num_blocks = sum(pages) + 3
-    kv_pages = torch.randn(num_blocks, num_kv_heads, block_size, 2 * head_size, generator=g)
-    key_cache, value_cache = split_kv_cache(kv_pages.to(dtype))
-    ids = torch.randperm(num_blocks, generator=g)
-    nan_page = int(ids[-1])
-    key_cache[nan_page] = value_cache[nan_page] = NAN
-    table = torch.full((len(seq_lens), max(pages) + 2), nan_page, dtype=torch.int32)
-    qsl = torch.zeros(len(seq_lens) + 1, dtype=torch.int32)
-    qsl[1:] = torch.tensor(query_lens).cumsum(0)
-    used = 0
-    for r, (seq_len, query_len) in enumerate(zip(seq_lens, query_lens)):
-        table[r, :pages[r]] = ids[used:used + pages[r]].int()
-        used += pages[r]
-        for pos in range(seq_len - query_len, seq_len):
-            blk = int(table[r, pos // block_size])
-            key_cache[blk, :, pos % block_size] = value_cache[blk, :, pos % block_size] = NAN
-    num_tokens = int(qsl[-1])
-    qkv = torch.randn(num_tokens, num_heads + 2 * num_kv_heads, head_size, generator=g).to(dtype)
-    return dict(
-        query=qkv[:, :num_heads],
-        key=qkv[:, num_heads:num_heads + num_kv_heads],
-        value=qkv[:, num_heads + num_kv_heads:],
-        key_cache=key_cache,
-        value_cache=value_cache,
-        block_table=table,
-        query_start_loc=qsl,
-        seq_lens=torch.tensor(seq_lens, dtype=torch.int32),
-    )
+def make_sparse_case(seq_lens, query_lens, num_heads, num_kv_heads, block_size,
+                     dtype=torch.float32, head_size=32, seed=0) -> dict[str, torch.Tensor]:
+    """Launcher kwargs (query .. seq_lens); cache slots of this step's
+    positions hold NaN (those keys exist only in ``key``/``value``)."""
+    return paged_case(seq_lens, query_lens, num_heads, num_kv_heads, head_size, block_size,
+                      dtype, seed=seed, nan_step_slots=True).kwargs()
 
 
 def assert_matches_ref(got: torch.Tensor, case: dict, pattern: SparsePattern) -> None:

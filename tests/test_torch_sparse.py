@@ -14,8 +14,11 @@ import pytest
 import torch
 
 from vllm_adaptive import reference as ref
-from vllm_adaptive.kernels.torch_sparse import needed_positions, sparse_attention, write_live_kv
+from vllm_adaptive.kernels.torch_paged import write_kv_cache
+from vllm_adaptive.kernels.torch_sparse import needed_positions, sparse_attention
 from vllm_adaptive.pattern import SparsePattern
+
+from paged_cases import paged_case
 
 PATTERNS = [
     SparsePattern(sink=5, window=20),
@@ -27,25 +30,8 @@ TOL = {torch.float32: 2e-5, torch.bfloat16: 2e-2}
 
 
 def sparse_case(seq_lens, query_lens, hq, hk, d, bs, pat, dtype=torch.float32, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    pages = [math.ceil(s / bs) for s in seq_lens]
-    nb = sum(pages) + 3
-    kc = torch.randn(nb, hk, bs, d, generator=g).to(dtype)
-    vc = torch.randn(nb, hk, bs, d, generator=g).to(dtype)
-    ids = torch.randperm(nb, generator=g)
-    bt = torch.zeros(len(seq_lens), max(pages), dtype=torch.int32)
-    used = 0
-    for r, p in enumerate(pages):
-        bt[r, :p] = ids[used:used + p].int()
-        used += p
-    qsl = torch.zeros(len(seq_lens) + 1, dtype=torch.int32)
-    qsl[1:] = torch.tensor(query_lens).cumsum(0)
-    t = int(qsl[-1])
-    q = torch.randn(t, hq, d, generator=g).to(dtype)
-    k = torch.randn(t, hk, d, generator=g).to(dtype)
-    v = torch.randn(t, hk, d, generator=g).to(dtype)
-    sl = torch.tensor(seq_lens, dtype=torch.int32)
-    return q, k, v, kc, vc, bt, qsl, sl
+    """(q, k, v, key_cache, value_cache, block_table, query_start_loc, seq_lens)."""
+    return paged_case(seq_lens, query_lens, hq, hk, d, bs, dtype, seed=seed).sparse()
 
 
 def poison_unreadable(kc, vc, bt, qsl, sl, bs, pat):
@@ -111,12 +97,12 @@ def test_needed_positions_exact():
                 assert torch.equal(needed_positions(pat, lo, hi), want), (pat, lo, hi)
 
 
-def test_write_live_kv_skips_null_block_and_padding():
+def test_torch_writer_skips_null_block_and_padding():
     kc = torch.zeros(4, 1, 8, 2)
     vc = torch.zeros(4, 1, 8, 2)
     key = torch.arange(1, 9, dtype=torch.float32).reshape(4, 1, 2)
     slots = torch.tensor([3, 8, -1, 31])  # null block, block 1, padding, block 3
-    write_live_kv(key, key, kc, vc, slots, null_slot_end=8)
+    write_kv_cache(key, key, kc, vc, slots, min_slot=8)
     assert kc[0].abs().sum() == 0
     assert torch.equal(kc[1, 0, 0], key[1, 0]) and torch.equal(kc[3, 0, 7], key[3, 0])
     assert kc.abs().sum() == key[1].abs().sum() + key[3].abs().sum()

@@ -3,7 +3,7 @@
 ``register()`` is the ``vllm.general_plugins`` entry point. It is idempotent
 and cheap, and it also runs on ``import vllm_adaptive`` because
 ``LLM(attention_backend="ADAPTIVE")`` parses the backend name before vLLM loads
-its plugins (DESIGN.md trap 3).
+its plugins (docs/VLLM_NOTES.md, trap 3).
 """
 
 from __future__ import annotations
@@ -43,7 +43,7 @@ def register() -> None:
 
 
 def restore_backend_member(name: str):
-    """Unpickle target for the dynamic enum member (DESIGN.md trap 1).
+    """Unpickle target for the dynamic enum member (docs/VLLM_NOTES.md, trap 1).
 
     EngineCore, mp workers and Ray actors unpickle the VllmConfig before
     vLLM loads plugins; the member's ``__reduce_ex__`` points here, so the

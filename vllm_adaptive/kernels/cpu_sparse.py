@@ -23,6 +23,7 @@ from dataclasses import dataclass
 
 import torch
 
+from vllm_adaptive.kernels.batch import requests
 from vllm_adaptive.kernels.torch_sparse import needed_blocks
 from vllm_adaptive.pattern import SparsePattern
 
@@ -47,16 +48,10 @@ def plan_pseudo_requests(
             f"{block_size}: it cannot run on vLLM's CPU kernel"
         )
     g_size = pattern.block
-    qsl = query_start_loc.tolist()
-    lens = seq_lens.tolist()
     starts: list[int] = []
     pseudo_lens: list[int] = []
     rows: list[list[int]] = []
-    for r, seq_len in enumerate(lens):
-        q0, q1 = qsl[r], qsl[r + 1]
-        if q1 == q0:
-            continue
-        ctx = seq_len - (q1 - q0)
+    for r, q0, _, ctx, seq_len in requests(query_start_loc, seq_lens):
         table = block_table[r]
         lo = ctx
         while lo < seq_len:
@@ -72,7 +67,7 @@ def plan_pseudo_requests(
     for i, b in enumerate(rows):
         bt[i, : len(b)] = torch.tensor(b, dtype=torch.int32)
     return PseudoBatch(
-        query_start_loc=torch.tensor(starts + [qsl[-1]], dtype=torch.int32),
+        query_start_loc=torch.tensor(starts + [int(query_start_loc[-1])], dtype=torch.int32),
         seq_lens=torch.tensor(pseudo_lens, dtype=torch.int32),
         block_table=bt,
     )

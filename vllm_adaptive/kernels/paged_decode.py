@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import torch
 
-from vllm_adaptive.kernels import _triton
+from vllm_adaptive.kernels import _triton, split_kv
 from vllm_adaptive.kernels._triton import tl
 from vllm_adaptive.kernels.checks import check_paged_attention
 
@@ -94,37 +94,6 @@ def _paged_decode_split_kernel(
     tl.store(acc_part_ptr + part[:, None] * HEAD_PAD + d[None, :], acc, mask=g_ok[:, None])
 
 
-def _paged_decode_merge_kernel(
-    out_ptr,  # [num_tokens, num_heads, head_size]
-    m_part_ptr,  # [num_reqs, num_heads, NUM_SPLITS] fp32
-    l_part_ptr,  # [num_reqs, num_heads, NUM_SPLITS] fp32
-    acc_part_ptr,  # [num_reqs, num_heads, NUM_SPLITS, HEAD_PAD] fp32
-    query_start_loc_ptr,  # [num_reqs + 1]
-    num_heads,
-    stride_o_tok, stride_o_head,
-    HEAD_SIZE: tl.constexpr,
-    HEAD_PAD: tl.constexpr,
-    NUM_SPLITS: tl.constexpr,
-):
-    req = tl.program_id(0)
-    head = tl.program_id(1)
-    sp = tl.arange(0, NUM_SPLITS)
-    d = tl.arange(0, HEAD_PAD)
-    base = (req * num_heads + head) * NUM_SPLITS
-    m = tl.load(m_part_ptr + base + sp)  # [NUM_SPLITS]
-    l = tl.load(l_part_ptr + base + sp)
-    acc = tl.load(acc_part_ptr + (base + sp)[:, None] * HEAD_PAD + d[None, :])
-    m_max = tl.max(m, axis=0)
-    w = tl.exp(m - m_max)  # empty splits: m = -1e30, l = 0 -> weight 0
-    l_tot = tl.sum(l * w, axis=0)
-    o = tl.sum(acc * w[:, None], axis=0) / tl.where(l_tot > 0, l_tot, 1.0)
-    tok = tl.load(query_start_loc_ptr + req)
-    tl.store(
-        out_ptr + tok * stride_o_tok + head * stride_o_head + d,
-        o.to(out_ptr.dtype.element_ty), mask=d < HEAD_SIZE,
-    )
-
-
 def paged_decode(
     query: torch.Tensor,  # [num_reqs, num_heads, head_size] (one token per request)
     key_cache: torch.Tensor,  # [num_blocks, num_kv_heads, block_size, head_size]
@@ -139,8 +108,7 @@ def paged_decode(
     check_paged_attention(
         query, key_cache, value_cache, block_table, query_start_loc, seq_lens, out
     )
-    if num_splits < 1 or num_splits & (num_splits - 1):
-        raise ValueError(f"num_splits: expected a power of two >= 1, got {num_splits}")
+    split_kv.check_num_splits(num_splits)
     num_reqs = seq_lens.shape[0]
     if query.shape[0] < num_reqs:
         raise ValueError(
@@ -151,28 +119,19 @@ def paged_decode(
     _, num_heads, head_size = query.shape
     num_kv_heads, block_size = key_cache.shape[1], key_cache.shape[2]
     group = num_heads // num_kv_heads
-    head_pad = max(16, _triton.next_pow2(head_size))
-    dev = query.device
-    m_part = torch.empty(num_reqs, num_heads, num_splits, dtype=torch.float32, device=dev)
-    l_part = torch.empty_like(m_part)
-    acc_part = torch.empty(num_reqs, num_heads, num_splits, head_pad, dtype=torch.float32, device=dev)
     if num_reqs == 0:
         return out
+    parts = split_kv.partials(num_reqs, num_heads, num_splits, head_size, query.device)
     split_kernel = _triton.jit(_paged_decode_split_kernel)
     split_kernel[(num_reqs, num_kv_heads, num_splits)](
-        m_part, l_part, acc_part, query, key_cache, value_cache, block_table,
+        *parts, query, key_cache, value_cache, block_table,
         query_start_loc, seq_lens, num_heads, float(scale),
         query.stride(0), query.stride(1),
         key_cache.stride(0), key_cache.stride(1), key_cache.stride(2),
         value_cache.stride(0), value_cache.stride(1), value_cache.stride(2),
         block_table.stride(0),
         QUERIES_PER_KV=group, GROUP_PAD=_triton.next_pow2(group), HEAD_SIZE=head_size,
-        HEAD_PAD=head_pad, BLOCK_SIZE=block_size, NUM_SPLITS=num_splits,
+        HEAD_PAD=split_kv.head_pad(head_size), BLOCK_SIZE=block_size, NUM_SPLITS=num_splits,
     )
-    merge_kernel = _triton.jit(_paged_decode_merge_kernel)
-    merge_kernel[(num_reqs, num_heads)](
-        out, m_part, l_part, acc_part, query_start_loc, num_heads,
-        out.stride(0), out.stride(1),
-        HEAD_SIZE=head_size, HEAD_PAD=head_pad, NUM_SPLITS=num_splits,
-    )
+    split_kv.merge(out, parts, query_start_loc)
     return out

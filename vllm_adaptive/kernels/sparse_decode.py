@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import torch
 
-from vllm_adaptive.kernels import _triton
+from vllm_adaptive.kernels import _triton, split_kv
 from vllm_adaptive.kernels._triton import tl
 from vllm_adaptive.kernels.sparse_checks import check_sparse_attention
 from vllm_adaptive.pattern import SparsePattern
@@ -159,38 +159,6 @@ def _sparse_decode_split_kernel(
     tl.store(acc_part_ptr + part[:, None] * HEAD_PAD + d[None, :], acc, mask=g_ok[:, None])
 
 
-def _sparse_decode_merge_kernel(
-    out_ptr,  # [num_tokens, num_heads, head_size]
-    m_part_ptr,  # [num_reqs, num_heads, NUM_SPLITS] fp32
-    l_part_ptr,  # [num_reqs, num_heads, NUM_SPLITS] fp32
-    acc_part_ptr,  # [num_reqs, num_heads, NUM_SPLITS, HEAD_PAD] fp32
-    query_start_loc_ptr,  # [num_reqs + 1]
-    num_heads,
-    stride_o_tok, stride_o_head,
-    HEAD_SIZE: tl.constexpr,
-    HEAD_PAD: tl.constexpr,
-    NUM_SPLITS: tl.constexpr,
-):
-    req = tl.program_id(0)
-    head = tl.program_id(1)
-    tok = tl.load(query_start_loc_ptr + req)
-    if tl.load(query_start_loc_ptr + req + 1) > tok:  # no output row otherwise
-        sp = tl.arange(0, NUM_SPLITS)
-        d = tl.arange(0, HEAD_PAD)
-        base = (req * num_heads + head) * NUM_SPLITS
-        m = tl.load(m_part_ptr + base + sp)  # [NUM_SPLITS]
-        l = tl.load(l_part_ptr + base + sp)
-        acc = tl.load(acc_part_ptr + (base + sp)[:, None] * HEAD_PAD + d[None, :])
-        m_max = tl.max(m, axis=0)
-        w = tl.exp(m - m_max)  # empty splits: m = -1e30, l = 0 -> weight 0
-        l_tot = tl.sum(l * w, axis=0)
-        o = tl.sum(acc * w[:, None], axis=0) / tl.where(l_tot > 0, l_tot, 1.0)
-        tl.store(
-            out_ptr + tok * stride_o_tok + head * stride_o_head + d,
-            o.to(out_ptr.dtype.element_ty), mask=d < HEAD_SIZE,
-        )
-
-
 def sparse_decode(
     query: torch.Tensor,  # [num_tokens, num_heads, head_size]
     key: torch.Tensor,  # [num_tokens, num_kv_heads, head_size] this step's keys
@@ -219,8 +187,7 @@ def sparse_decode(
         query, key, value, key_cache, value_cache, block_table, query_start_loc,
         seq_lens, pattern, out,
     )
-    if num_splits < 1 or num_splits & (num_splits - 1):
-        raise ValueError(f"num_splits: expected a power of two >= 1, got {num_splits}")
+    split_kv.check_num_splits(num_splits)
     if out is None:
         out = torch.empty_like(query)
     num_reqs = seq_lens.shape[0]
@@ -229,16 +196,10 @@ def sparse_decode(
     _, num_heads, head_size = query.shape
     num_kv_heads, block_size = key_cache.shape[1], key_cache.shape[2]
     group = num_heads // num_kv_heads
-    head_pad = max(16, _triton.next_pow2(head_size))
-    dev = query.device
-    m_part = torch.empty(num_reqs, num_heads, num_splits, dtype=torch.float32, device=dev)
-    l_part = torch.empty_like(m_part)
-    acc_part = torch.empty(
-        num_reqs, num_heads, num_splits, head_pad, dtype=torch.float32, device=dev
-    )
+    parts = split_kv.partials(num_reqs, num_heads, num_splits, head_size, query.device)
     split_kernel = _triton.jit(_sparse_decode_split_kernel)
     split_kernel[(num_reqs, num_kv_heads, num_splits)](
-        m_part, l_part, acc_part, query, key, value, key_cache, value_cache, block_table,
+        *parts, query, key, value, key_cache, value_cache, block_table,
         query_start_loc, seq_lens, num_heads, float(scale),
         query.stride(0), query.stride(1),
         key.stride(0), key.stride(1),
@@ -249,12 +210,7 @@ def sparse_decode(
         SINK=pattern.sink, WINDOW=pattern.window, PBLOCK=max(1, pattern.block),
         LOCAL_BLOCKS=pattern.local_blocks, VERT_STRIDE=pattern.vert_stride,
         QUERIES_PER_KV=group, GROUP_PAD=_triton.next_pow2(group), HEAD_SIZE=head_size,
-        HEAD_PAD=head_pad, BLOCK_SIZE=block_size, NUM_SPLITS=num_splits,
+        HEAD_PAD=split_kv.head_pad(head_size), BLOCK_SIZE=block_size, NUM_SPLITS=num_splits,
     )
-    merge_kernel = _triton.jit(_sparse_decode_merge_kernel)
-    merge_kernel[(num_reqs, num_heads)](
-        out, m_part, l_part, acc_part, query_start_loc, num_heads,
-        out.stride(0), out.stride(1),
-        HEAD_SIZE=head_size, HEAD_PAD=head_pad, NUM_SPLITS=num_splits,
-    )
+    split_kv.merge(out, parts, query_start_loc)
     return out

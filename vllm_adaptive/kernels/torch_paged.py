@@ -11,6 +11,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from vllm_adaptive.kernels.batch import requests
 from vllm_adaptive.kernels.checks import check_kv_cache_write, check_paged_attention
 
 
@@ -20,11 +21,15 @@ def write_kv_cache(
     key_cache: torch.Tensor,  # [num_blocks, num_kv_heads, block_size, head_size]
     value_cache: torch.Tensor,  # [num_blocks, num_kv_heads, block_size, head_size]
     slot_mapping: torch.Tensor,  # [num_tokens], -1 = padding
+    min_slot: int = 0,
 ) -> None:
+    """Scatter this step's K/V rows into their pages. Slots below
+    ``min_slot`` are not written: padding (-1) always, and for sparse layers
+    the null block's slots (tokens no later query reads; ``kv/managers.py``)."""
     check_kv_cache_write(key, value, key_cache, value_cache, slot_mapping)
     n = slot_mapping.shape[0]
     slots = slot_mapping[:n].long()
-    keep = slots >= 0
+    keep = slots >= max(min_slot, 0)
     if not bool(keep.all()):
         slots, key, value = slots[keep], key[:n][keep], value[:n][keep]
     else:
@@ -60,14 +65,8 @@ def paged_attention(
     block_size = key_cache.shape[2]
     num_heads, num_kv_heads = query.shape[1], key_cache.shape[1]
     gqa = num_heads != num_kv_heads
-    qsl = query_start_loc.tolist()
-    lens = seq_lens.tolist()
-    for r, seq_len in enumerate(lens):
-        q0, q1 = qsl[r], qsl[r + 1]
+    for r, q0, q1, context_len, seq_len in requests(query_start_loc, seq_lens):
         query_len = q1 - q0
-        if query_len == 0:
-            continue
-        context_len = seq_len - query_len
         n_blocks = -(-seq_len // block_size)
         blocks = block_table[r, :n_blocks].long()
         k = _gather(key_cache, blocks, seq_len).to(query.dtype)

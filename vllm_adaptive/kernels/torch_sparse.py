@@ -27,6 +27,7 @@ import torch.nn.functional as F
 
 from dataclasses import dataclass, field
 
+from vllm_adaptive.kernels.batch import requests
 from vllm_adaptive.kernels.checks import check_paged_attention
 from vllm_adaptive.pattern import SparsePattern
 
@@ -39,12 +40,7 @@ def needed_positions(pattern: SparsePattern, q_lo: int, q_hi: int) -> torch.Tens
     parts = []
     if pattern.sink:
         parts.append(torch.arange(min(pattern.sink, q_hi)))
-    span_lo = q_hi  # first position of the window / local span of the tile
-    if pattern.window:
-        span_lo = min(span_lo, q_lo - pattern.window + 1)
-    if pattern.local_blocks:
-        span_lo = min(span_lo, (q_lo // pattern.block - pattern.local_blocks + 1) * pattern.block)
-    span_lo = max(span_lo, 0)
+    span_lo = pattern.span_start(q_lo)  # first position of the tile's window / local span
     if pattern.vert_stride:
         g, v = pattern.block, pattern.vert_stride
         n_groups = -(-span_lo // g)  # groups that start before the span
@@ -57,28 +53,6 @@ def needed_positions(pattern: SparsePattern, q_lo: int, q_hi: int) -> torch.Tens
     return torch.unique(pos)  # sorted, deduplicated (sink may overlap the span)
 
 
-def write_live_kv(
-    key: torch.Tensor,
-    value: torch.Tensor,
-    key_cache: torch.Tensor,
-    value_cache: torch.Tensor,
-    slot_mapping: torch.Tensor,
-    null_slot_end: int,
-) -> None:
-    """Write this step's K/V, skipping padding (-1) and tokens whose block is
-    the null block (slots below ``null_slot_end``: no later query reads them)."""
-    n = slot_mapping.shape[0]
-    slots = slot_mapping[:n].long()
-    keep = slots >= null_slot_end
-    slots, k, v = slots[keep], key[:n][keep], value[:n][keep]
-    if slots.numel() == 0:
-        return
-    block_size = key_cache.shape[2]
-    blk, off = slots // block_size, slots % block_size
-    key_cache[blk, :, off] = k.to(key_cache.dtype)
-    value_cache[blk, :, off] = v.to(value_cache.dtype)
-
-
 def needed_blocks(pattern: SparsePattern, bs: int, q_lo: int, q_hi: int, ctx: int) -> list[int]:
     """Cache block indices (holding positions ``< ctx``) some query in
     ``[q_lo, q_hi)`` reads; equal to filtering ``block_needed`` over all
@@ -87,12 +61,8 @@ def needed_blocks(pattern: SparsePattern, bs: int, q_lo: int, q_hi: int, ctx: in
     out: set[int] = set()
     if pattern.sink:
         out.update(range(min(-(-pattern.sink // bs), n)))
-    span_lo = q_hi
-    if pattern.window:
-        span_lo = min(span_lo, q_lo - pattern.window + 1)
-    if pattern.local_blocks:
-        span_lo = min(span_lo, (q_lo // pattern.block - pattern.local_blocks + 1) * pattern.block)
-    out.update(range(max(span_lo, 0) // bs, n))
+    span_lo = pattern.span_start(q_lo)
+    out.update(range(span_lo // bs, n))
     if pattern.vert_stride:
         g, v = pattern.block, pattern.vert_stride
         for grp in range(v - 1, -(-min(span_lo, ctx) // g), v):
@@ -139,20 +109,13 @@ def plan_sparse(
     block_size: int,
     q_tile: int = Q_TILE,
 ) -> SparsePlan:
-    qsl = query_start_loc.tolist()
-    lens = seq_lens.tolist()
     plan = SparsePlan()
     dec_rows: list[int] = []
     dec_blocks: list[list[int]] = []
     dec_ctx: list[int] = []
     dec_req: list[int] = []
-    for r, seq_len in enumerate(lens):
-        q0, q1 = qsl[r], qsl[r + 1]
-        query_len = q1 - q0
-        if query_len == 0:
-            continue
-        ctx = seq_len - query_len
-        if query_len == 1:
+    for r, q0, q1, ctx, seq_len in requests(query_start_loc, seq_lens):
+        if q1 - q0 == 1:
             dec_rows.append(q0)
             dec_req.append(r)
             dec_ctx.append(ctx)

@@ -1,5 +1,39 @@
-"""KV-cache specs and managers for the plugin's layer kinds (see spec.py)."""
+"""KV-cache specs (``specs.py``) and their managers (``managers.py``) for the
+layer kinds that free blocks. ``REGISTRATIONS`` is the one table that pairs
+them; specs know nothing of managers.
 
-from vllm_adaptive.kv.spec import SparsePatternSpec, register_kv_specs
+``register_kv_specs()`` registers the table with vLLM's
+``KVCacheSpecRegistry`` (idempotent, any process). vLLM's built-ins are
+registered first: the registry fills itself lazily only while empty, so
+registering ours into an empty registry would hide them. EngineCore's later
+``register_all_kvcache_specs`` call re-registers the built-ins and leaves ours
+in place.
+"""
 
-__all__ = ["SparsePatternSpec", "register_kv_specs"]
+from __future__ import annotations
+
+from vllm_adaptive.kv.specs import SparsePatternSpec
+
+_REGISTERED = False
+
+
+def registrations() -> list[tuple[type, type]]:
+    """(spec, manager) pairs (managers import vLLM's scheduler-side code)."""
+    from vllm_adaptive.kv.managers import SparsePatternManager
+
+    return [(SparsePatternSpec, SparsePatternManager)]
+
+
+def register_kv_specs() -> None:
+    global _REGISTERED
+    if _REGISTERED:
+        return
+    from vllm.v1.kv_cache_spec_registry import KVCacheSpecRegistry
+
+    KVCacheSpecRegistry._ensure_registered()
+    for spec, manager in registrations():
+        KVCacheSpecRegistry.register(spec, manager)
+    _REGISTERED = True
+
+
+__all__ = ["SparsePatternSpec", "register_kv_specs", "registrations"]

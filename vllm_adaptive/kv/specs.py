@@ -2,7 +2,7 @@
 
 A sparse layer (``sink_window`` / ``strided``) only ever reads the keys of its
 :class:`~vllm_adaptive.pattern.SparsePattern`, so its KV-cache group frees every
-block no future query can read (``kv/manager.py``). The spec carries the
+block no future query can read (``kv/managers.py``). The spec carries the
 pattern (so manager and kernels compute the same predicate) and the per-step
 token budget that bounds a request's peak holding.
 
@@ -16,11 +16,22 @@ patterns form their own KV-cache groups next to the full-attention group.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 
 from vllm.v1.kv_cache_interface import AttentionSpec
 
 from vllm_adaptive.pattern import SparsePattern
+
+
+#: The null block's id. vLLM's ``BlockPool`` takes its null block first from a
+#: free queue of ids 0..n-1; every ``SparsePatternManager`` checks this when it
+#: is built (start-up), and the workers' sparse runners skip writing slots of
+#: ``[0, block_size)``, where the manager points the tokens it does not keep.
+NULL_BLOCK_ID = 0
+
+_PATTERN_FIELDS = ("sink", "window", "block", "local_blocks", "vert_stride")
+# the spec's name for a pattern field (AttentionSpec already has block_size)
+_SPEC_FIELD = {"block": "pattern_block"}
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -40,13 +51,7 @@ class SparsePatternSpec(AttentionSpec):
 
     @property
     def pattern(self) -> SparsePattern:
-        return SparsePattern(
-            sink=self.sink,
-            window=self.window,
-            block=self.pattern_block,
-            local_blocks=self.local_blocks,
-            vert_stride=self.vert_stride,
-        )
+        return SparsePattern(**{f: getattr(self, _SPEC_FIELD.get(f, f)) for f in _PATTERN_FIELDS})
 
     def max_blocks_held(self, max_model_len: int) -> int:
         return self.pattern.max_held_blocks(
@@ -63,42 +68,6 @@ class SparsePatternSpec(AttentionSpec):
         cls, spec: AttentionSpec, pattern: SparsePattern, chunk_tokens: int,
         in_step_free: bool = True,
     ) -> "SparsePatternSpec":
-        return cls(
-            block_size=spec.block_size,
-            num_kv_heads=spec.num_kv_heads,
-            head_size=spec.head_size,
-            head_size_v=spec.head_size_v,
-            dtype=spec.dtype,
-            kv_quant_mode=spec.kv_quant_mode,
-            page_size_padded=spec.page_size_padded,
-            sink=pattern.sink,
-            window=pattern.window,
-            pattern_block=pattern.block,
-            local_blocks=pattern.local_blocks,
-            vert_stride=pattern.vert_stride,
-            chunk_tokens=chunk_tokens,
-            in_step_free=in_step_free,
-        )
-
-
-_REGISTERED = False
-
-
-def register_kv_specs() -> None:
-    """Register the spec and its manager with vLLM (idempotent, any process).
-
-    vLLM's built-ins are registered first: the registry fills itself lazily
-    only while empty, so registering ours into an empty registry would hide
-    them. EngineCore's later ``register_all_kvcache_specs`` call re-registers
-    the built-ins and leaves ours in place.
-    """
-    global _REGISTERED
-    if _REGISTERED:
-        return
-    from vllm.v1.kv_cache_spec_registry import KVCacheSpecRegistry
-
-    from vllm_adaptive.kv.manager import SparsePatternManager
-
-    KVCacheSpecRegistry._ensure_registered()
-    KVCacheSpecRegistry.register(SparsePatternSpec, SparsePatternManager)
-    _REGISTERED = True
+        page = {f.name: getattr(spec, f.name) for f in fields(AttentionSpec) if f.init}
+        pat = {_SPEC_FIELD.get(f, f): getattr(pattern, f) for f in _PATTERN_FIELDS}
+        return cls(**page, **pat, chunk_tokens=chunk_tokens, in_step_free=in_step_free)

@@ -36,7 +36,7 @@ from collections.abc import Sequence
 from vllm.v1.core.kv_cache_utils import KVCacheBlock
 from vllm.v1.core.single_type_kv_cache_manager import SingleTypeKVCacheManager
 
-from vllm_adaptive.kv.spec import SparsePatternSpec
+from vllm_adaptive.kv.specs import NULL_BLOCK_ID, SparsePatternSpec
 from vllm_adaptive.pattern import cdiv
 
 
@@ -44,6 +44,12 @@ class SparsePatternManager(SingleTypeKVCacheManager):
     def __init__(self, kv_cache_spec: SparsePatternSpec, **kwargs) -> None:
         super().__init__(kv_cache_spec, **kwargs)
         self.pattern = kv_cache_spec.pattern
+        if self._null_block.block_id != NULL_BLOCK_ID:
+            raise RuntimeError(
+                f"vLLM's null block has id {self._null_block.block_id}, not "
+                f"{NULL_BLOCK_ID}: the sparse runners would store tokens the manager "
+                "dropped (vllm_adaptive.kv.specs.NULL_BLOCK_ID)"
+            )
         if self.dcp_world_size != 1:
             raise ValueError("sparse pattern layers do not support decode context parallel")
         # Per request: blocks below the cursor are freed or permanent.

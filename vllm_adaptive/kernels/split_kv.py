@@ -1,0 +1,84 @@
+"""Split-KV (flash-decoding) partials and their merge, shared by the dense
+and block-sparse decode kernels.
+
+A decode kernel cuts each (request, KV head)'s pages into ``NUM_SPLITS``
+segments and stores, per (request, query head, split), a partial running max
+``m``, sum ``l`` and weighted value sum ``acc``; the merge kernel combines the
+splits into one output row per request. A request with query_len 0 gets no
+output row, and a split that saw no key (``m = -1e30, l = 0``) weighs 0.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from vllm_adaptive.kernels import _triton
+from vllm_adaptive.kernels._triton import tl
+
+
+def _merge_kernel(
+    out_ptr,  # [num_tokens, num_heads, head_size]
+    m_part_ptr,  # [num_reqs, num_heads, NUM_SPLITS] fp32
+    l_part_ptr,  # [num_reqs, num_heads, NUM_SPLITS] fp32
+    acc_part_ptr,  # [num_reqs, num_heads, NUM_SPLITS, HEAD_PAD] fp32
+    query_start_loc_ptr,  # [num_reqs + 1]
+    num_heads,
+    stride_o_tok, stride_o_head,
+    HEAD_SIZE: tl.constexpr,
+    HEAD_PAD: tl.constexpr,
+    NUM_SPLITS: tl.constexpr,
+):
+    req = tl.program_id(0)
+    head = tl.program_id(1)
+    tok = tl.load(query_start_loc_ptr + req)
+    if tl.load(query_start_loc_ptr + req + 1) > tok:  # no output row otherwise
+        sp = tl.arange(0, NUM_SPLITS)
+        d = tl.arange(0, HEAD_PAD)
+        base = (req * num_heads + head) * NUM_SPLITS
+        m = tl.load(m_part_ptr + base + sp)  # [NUM_SPLITS]
+        l = tl.load(l_part_ptr + base + sp)
+        acc = tl.load(acc_part_ptr + (base + sp)[:, None] * HEAD_PAD + d[None, :])
+        m_max = tl.max(m, axis=0)
+        w = tl.exp(m - m_max)  # empty splits: m = -1e30, l = 0 -> weight 0
+        l_tot = tl.sum(l * w, axis=0)
+        o = tl.sum(acc * w[:, None], axis=0) / tl.where(l_tot > 0, l_tot, 1.0)
+        tl.store(
+            out_ptr + tok * stride_o_tok + head * stride_o_head + d,
+            o.to(out_ptr.dtype.element_ty), mask=d < HEAD_SIZE,
+        )
+
+
+def check_num_splits(num_splits: int) -> None:
+    if not isinstance(num_splits, int) or num_splits < 1 or num_splits & (num_splits - 1):
+        raise ValueError(f"num_splits: expected a power of two >= 1, got {num_splits}")
+
+
+def head_pad(head_size: int) -> int:
+    """Padded head size of the partials (a power of two, at least 16)."""
+    return max(16, _triton.next_pow2(head_size))
+
+
+def partials(
+    num_reqs: int, num_heads: int, num_splits: int, head_size: int, device: torch.device
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Empty (m, l, acc) buffers; every entry is written by the split kernel."""
+    m = torch.empty(num_reqs, num_heads, num_splits, dtype=torch.float32, device=device)
+    acc = torch.empty(
+        num_reqs, num_heads, num_splits, head_pad(head_size), dtype=torch.float32, device=device
+    )
+    return m, torch.empty_like(m), acc
+
+
+def merge(
+    out: torch.Tensor,  # [num_tokens, num_heads, head_size]
+    parts: tuple[torch.Tensor, torch.Tensor, torch.Tensor],
+    query_start_loc: torch.Tensor,  # [num_reqs + 1]
+) -> None:
+    m, l, acc = parts
+    num_reqs, num_heads, num_splits = m.shape
+    kernel = _triton.jit(_merge_kernel)
+    kernel[(num_reqs, num_heads)](
+        out, m, l, acc, query_start_loc, num_heads,
+        out.stride(0), out.stride(1),
+        HEAD_SIZE=out.shape[2], HEAD_PAD=acc.shape[3], NUM_SPLITS=num_splits,
+    )

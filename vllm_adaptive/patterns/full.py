@@ -1,0 +1,14 @@
+"""``full``: ordinary causal attention over every cached token of the request.
+
+Its layers keep vLLM's own ``FullAttentionSpec`` and manager (prefix caching
+included) and run on the ``dense`` runners.
+"""
+
+from __future__ import annotations
+
+from vllm_adaptive.patterns.base import PatternKind
+
+
+class FullKind(PatternKind):
+    name = "full"
+    family = "dense"

@@ -1,0 +1,134 @@
+"""Start-up checks: everything that can be refused is refused before the
+first request, in the user's process, with the key and the reason.
+
+Called from the recorded patches (``patches/``): ``validate_vllm_config``
+before the platform's ``check_and_update_config``, ``finalize_vllm_config``
+after it (once the block size is final: that is where the layer plan is
+resolved and logged), ``check_selectable`` from the CPU platform's backend
+selection, and ``kv_spec_for_layer`` from ``Attention.get_kv_cache_spec``.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from vllm.logger import init_logger
+
+from vllm_adaptive import BACKEND_NAME
+from vllm_adaptive.config import AdaptiveConfig, from_hf_config, raw_from_hf_config
+from vllm_adaptive.errors import CONFIG_KEY
+
+# Under the "vllm" logger so vLLM's handler and log level apply to our lines.
+logger = init_logger("vllm.adaptive")
+
+
+def check_selectable(attn_selector_config) -> None:
+    """Raise, with the backend's reasons, if ADAPTIVE cannot serve this layer."""
+    from vllm_adaptive.backend import AdaptiveBackend
+
+    reasons = AdaptiveBackend.validate_configuration(
+        device_capability=None, **attn_selector_config._asdict()
+    )
+    if reasons:
+        raise ValueError(
+            f"attention backend {BACKEND_NAME} cannot serve this model: "
+            + "; ".join(reasons) + f" ({attn_selector_config!r})"
+        )
+
+
+def _is_ours(backend) -> bool:
+    return backend is not None and getattr(backend, "name", None) == BACKEND_NAME
+
+
+def validate_vllm_config(vllm_config: Any) -> None:
+    """Parse ``adaptive_attention`` (errors name the key); select ADAPTIVE when
+    a checkpoint carries the key and no backend was chosen; refuse the key with
+    another explicit backend; refuse engine features block-freeing layers
+    cannot serve."""
+    model_config = vllm_config.model_config
+    if model_config is None:
+        return
+    attn = vllm_config.attention_config
+    ours = _is_ours(attn.backend) or any(_is_ours(b) for b in attn.backend_per_kind.values())
+    hf_config = model_config.hf_config
+    raw = raw_from_hf_config(hf_config)
+    if raw is not None and not ours:
+        if attn.backend is None and not attn.backend_per_kind:
+            from vllm.v1.attention.backends.registry import AttentionBackendEnum
+
+            attn.backend = AttentionBackendEnum[BACKEND_NAME]
+            ours = True
+            logger.info(
+                "The model config carries %r: selecting attention backend %s.",
+                CONFIG_KEY, BACKEND_NAME,
+            )
+        else:
+            raise ValueError(
+                f"the model config sets {CONFIG_KEY}={raw!r}, which only attention "
+                f"backend {BACKEND_NAME} implements, but the attention backend is "
+                f"{attn.backend.name if attn.backend else attn.backend_per_kind}; "
+                f"pass --attention-backend {BACKEND_NAME} or drop the key"
+            )
+    if not ours:
+        return
+    cfg = from_hf_config(hf_config)
+    if raw is None:
+        logger.info("No %r in the model config: using preset 'full'.", CONFIG_KEY)
+    if cfg.sparse_kinds_used:
+        _check_block_freeing_engine(cfg, vllm_config)
+
+
+def _check_block_freeing_engine(cfg: AdaptiveConfig, vllm_config: Any) -> None:
+    kinds = ", ".join(cfg.sparse_kinds_used)
+    if vllm_config.speculative_config is not None:
+        raise ValueError(
+            f"{CONFIG_KEY}: sparse layers ({kinds}) do not support speculative "
+            "decoding (rejected draft tokens would need freed blocks back)"
+        )
+    if vllm_config.kv_transfer_config is not None:
+        raise ValueError(
+            f"{CONFIG_KEY}: sparse layers ({kinds}) do not support KV transfer "
+            "connectors (their block tables hold freed, null blocks)"
+        )
+    if vllm_config.scheduler_config.disable_hybrid_kv_cache_manager:
+        raise ValueError(
+            f"{CONFIG_KEY}: sparse layers ({kinds}) need vLLM's hybrid KV cache "
+            "manager, which frees their blocks; drop --disable-hybrid-kv-cache-manager"
+        )
+    cache = vllm_config.cache_config
+    if cache.enable_prefix_caching:
+        cache.enable_prefix_caching = False
+        logger.info(
+            "%s: prefix caching switched off: sparse layers (%s) free the KV "
+            "blocks outside their pattern, so a cached prefix cannot be reused.",
+            BACKEND_NAME, kinds,
+        )
+
+
+def finalize_vllm_config(vllm_config: Any) -> None:
+    """Resolve the layer plan with the platform's final block size (raises
+    naming the key and the layer) and log it."""
+    model_config = vllm_config.model_config
+    if model_config is None or not _is_ours(vllm_config.attention_config.backend):
+        return
+    from vllm_adaptive.plan import plan_for
+
+    plan = plan_for(vllm_config)
+    logger.info("%s\n%s", plan.config.summary(), plan.table())
+
+
+def kv_spec_for_layer(layer_name: str, spec, vllm_config: Any):
+    """The KV-cache spec of an ADAPTIVE layer: its kind's spec, shaped by its
+    runner (``in_step_free``) and its KV format."""
+    from vllm_adaptive.formats import FORMATS
+    from vllm_adaptive.kv import register_kv_specs
+    from vllm_adaptive.plan import plan_for
+
+    lp = plan_for(vllm_config).for_layer_name(layer_name)
+    if lp.frees_blocks:
+        register_kv_specs()
+    spec = lp.pattern_kind.kv_spec(
+        spec, lp.pattern, chunk_tokens=vllm_config.max_in_flight_tokens,
+        in_step_free=lp.runner.in_step_free,
+    )
+    return FORMATS[lp.kv_format].customize_spec(spec)
