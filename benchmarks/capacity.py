@@ -56,7 +56,7 @@ import random
 import sys
 import time
 
-from passkey import (DEFAULT_MAPS, RESULTS, add_child_args, full_layers_of, meta, resolve_map,
+from common import (DEFAULT_MAPS, RESULTS, add_child_args, full_layers_of, meta, resolve_map,
                      run_child, run_subprocess, start_engine, write_doc)
 
 GREP = ("KV cache size", "Maximum concurrency", "KV cache on node", "prefix caching", "GPU KV cache")

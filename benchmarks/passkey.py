@@ -35,24 +35,20 @@ Usage:
       benchmarks/results/calibrated_sink_window.json benchmarks/results/calibrated_strided.json
 Writes benchmarks/results/passkey.json and prints markdown tables.
 
-The helpers ``resolve_map``, ``engine_kwargs`` and ``run_subprocess`` are also
-used by perplexity.py and capacity.py.
+The map, engine and child-process helpers live in ``benchmarks/common.py``.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import os
-import platform
 import random
-import subprocess
 import sys
 import time
 from pathlib import Path
 
-HERE = Path(__file__).resolve().parent
-RESULTS = HERE / "results"
+from common import (DEFAULT_MAPS, RESULTS, add_child_args, full_layers_of, generate, meta,
+                    resolve_map, run_child, run_subprocess, start_engine, write_doc)
 
 FILLER = "The grass is green. The sky is blue. The sun is yellow. Here we go. There and back again."
 NEEDLE = "The pass key is {key}. Remember it. {key} is the pass key."
@@ -61,128 +57,6 @@ ANSWER_PREFIX = "The pass key is"
 # The task description of the original passkey test (Mohtashami & Jaggi, 2023).
 PREAMBLE = ("There is an important info hidden inside a lot of irrelevant text. Find it and "
             "memorize them. I will quiz you about the important information there.")
-DEFAULT_MAPS = ["full", "longgen", "longgen-strided",
-                str(RESULTS / "calibrated_sink_window.json"), str(RESULTS / "calibrated_strided.json")]
-
-
-# ----------------------------------------------------------------------------- shared helpers
-def resolve_map(arg: str) -> dict:
-    """``{"name", "backend", "adaptive_attention", "source"}`` for a ``--maps`` entry."""
-    name, _, path = arg.partition("=") if "=" in arg else ("", "", arg)
-    if path == "CPU_ATTN":
-        return {"name": name or "CPU_ATTN", "backend": "CPU_ATTN", "adaptive_attention": None,
-                "source": "stock vLLM"}
-    p = Path(path)
-    if path.endswith(".json") or p.is_file():
-        obj = json.loads(p.read_text())
-        if "adaptive_attention" in obj:
-            amap = obj["adaptive_attention"]
-        elif "full_layers" in obj and "kind" in obj:
-            amap = {"preset": {"sink_window": "longgen", "strided": "longgen-strided"}[obj["kind"]],
-                    "full_layers": obj["full_layers"]}
-        else:
-            raise SystemExit(f"{path}: no 'adaptive_attention' (or 'kind' + 'full_layers') key")
-        stem = p.stem
-        return {"name": name or stem, "backend": "ADAPTIVE", "adaptive_attention": amap,
-                "source": str(p)}
-    return {"name": name or path, "backend": "ADAPTIVE", "adaptive_attention": path,
-            "source": "preset"}
-
-
-def engine_kwargs(m: dict, **kw) -> dict:
-    """LLM(...) arguments for a resolved map; ``kw`` overrides the defaults."""
-    from vllm_adaptive.model import default_model_path
-
-    args = dict(model=str(default_model_path()), dtype="bfloat16", max_model_len=8192,
-                enforce_eager=True, seed=0, attention_backend=m["backend"])
-    if m["adaptive_attention"] is not None:
-        args["hf_overrides"] = {"adaptive_attention": m["adaptive_attention"]}
-    args.update(kw)
-    return args
-
-
-def start_engine(m: dict, **kw):
-    """``(LLM for map m, seconds its start took)``; ``kw`` as in :func:`engine_kwargs`."""
-    from vllm import LLM
-
-    t0 = time.time()
-    llm = LLM(**engine_kwargs(m, **kw))
-    return llm, time.time() - t0
-
-
-def run_subprocess(script: str, spec: dict, timeout: int = 7200, env: dict | None = None,
-                   grep: tuple[str, ...] = ()) -> dict:
-    """Re-run ``script --one SPEC`` in a fresh process; return its RESULT line
-    (plus ``log_lines``: the output lines containing one of ``grep``)."""
-    import tempfile
-
-    t0 = time.time()
-    with tempfile.NamedTemporaryFile("w", suffix=".json", prefix="bench-spec-") as f:
-        json.dump(spec, f)  # too long for argv when it carries prompts
-        f.flush()
-        out = subprocess.run([sys.executable, script, "--one", "@" + f.name],
-                             capture_output=True, text=True, timeout=timeout, env=env)
-    lines = [l for l in out.stdout.splitlines() if l.startswith("RESULT ")]
-    if out.returncode or not lines:
-        sys.exit(f"run failed (rc={out.returncode}) for {json.dumps(spec)[:500]}:\n"
-                 f"{(out.stdout + out.stderr)[-6000:]}")
-    res = json.loads(lines[-1][len("RESULT "):])
-    res["process_s"] = round(time.time() - t0, 1)
-    if grep:
-        res["log_lines"] = [l.strip() for l in (out.stdout + out.stderr).splitlines()
-                            if any(g in l for g in grep)]
-    return res
-
-
-def load_spec(arg: str) -> dict:
-    """The JSON spec of ``--one``: inline, or ``@path``."""
-    return json.loads(Path(arg[1:]).read_text() if arg.startswith("@") else arg)
-
-
-def add_child_args(ap: argparse.ArgumentParser, sequential: bool = True) -> None:
-    """``--one`` (the child process of :func:`run_subprocess`) and, for scripts
-    that generate from prompts, ``--sequential``."""
-    if sequential:
-        ap.add_argument("--sequential", action="store_true",
-                        help="one prompt per generate call instead of one batch (the published runs "
-                        "used it; batched gives the same tokens: "
-                        "tests/test_longgen_engine.py::test_longgen_preset_batched_equals_one_at_a_time)")
-    ap.add_argument("--one", help=argparse.SUPPRESS)
-
-
-def run_child(ns: argparse.Namespace, run_one) -> bool:
-    """In the child process (``--one SPEC``): run it, print its RESULT line."""
-    if not ns.one:
-        return False
-    print("RESULT " + json.dumps(run_one(load_spec(ns.one))), flush=True)
-    return True
-
-
-def generate(llm, prompts: list, sp, sequential: bool) -> list:
-    """All prompts as one ``generate`` batch, or one call each (``--sequential``)."""
-    if sequential:
-        return [llm.generate([p], sp, use_tqdm=False)[0] for p in prompts]
-    return llm.generate(prompts, sp, use_tqdm=False)
-
-
-def write_doc(out: str, doc: dict) -> None:
-    Path(out).parent.mkdir(parents=True, exist_ok=True)
-    Path(out).write_text(json.dumps(doc, indent=1))
-
-
-def full_layers_of(amap) -> list[int] | None:
-    """The full-attention layers of a map (None for stock vLLM)."""
-    if amap is None:
-        return None
-    from vllm_adaptive.config import parse_config
-
-    return list(parse_config(amap, 30).full_layer_indices)
-
-
-def meta(command: list[str]) -> dict:
-    return {"machine": platform.processor() or platform.machine(), "cpus": os.cpu_count(),
-            "python": platform.python_version(), "command": " ".join(command),
-            "date": time.strftime("%Y-%m-%d %H:%M:%S")}
 
 
 # ----------------------------------------------------------------------------- prompts

@@ -35,7 +35,7 @@ import math
 import sys
 import time
 
-from passkey import (DEFAULT_MAPS, RESULTS, add_child_args, full_layers_of, generate, meta,
+from common import (DEFAULT_MAPS, RESULTS, add_child_args, full_layers_of, generate, meta,
                      resolve_map, run_child, run_subprocess, start_engine, write_doc)
 
 TAIL_FROM = 2048  # positions p > TAIL_FROM form the "tail"

@@ -29,40 +29,29 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
-import subprocess
 import sys
 import time
-from pathlib import Path
 
-HERE = Path(__file__).resolve().parent
+from common import (RESULTS, add_child_args, engine_kwargs, meta, resolve_map, run_child, run_subprocess,
+                    write_doc)
 
 
-def engine_kwargs(config: str) -> dict:
+def config_map(config: str) -> dict:
     """``stock`` = CPU_ATTN; anything else is an ``adaptive_attention`` value
-    (a preset name or a path to a JSON file holding one)."""
-    if config == "stock":
-        return {"attention_backend": "CPU_ATTN"}
-    value: object = config
-    if config.endswith(".json"):
-        data = json.loads(Path(config).read_text())
-        value = data.get("adaptive_attention", data)
-    return {"attention_backend": "ADAPTIVE", "hf_overrides": {"adaptive_attention": value}}
+    (a preset name or a path to a JSON file holding one; common.resolve_map)."""
+    return resolve_map("CPU_ATTN" if config == "stock" else config)
 
 
 def run_one(spec: dict) -> dict:
     from vllm import LLM, SamplingParams
     from vllm.inputs import TokensPrompt
 
-    from vllm_adaptive.model import default_model_path
-
     L, B, N = spec["length"], spec["batch"], spec["decode_tokens"]
-    llm = LLM(
-        model=str(default_model_path()), dtype=spec["dtype"],
-        max_model_len=min(8192, L + N + 16), max_num_seqs=B,
-        max_num_batched_tokens=spec["chunk"], enable_prefix_caching=False, seed=0,
-        **engine_kwargs(spec["config"]),
-    )
+    llm = LLM(**engine_kwargs(
+        config_map(spec["config"]), dtype=spec["dtype"], max_model_len=min(8192, L + N + 16),
+        max_num_seqs=B, max_num_batched_tokens=spec["chunk"], enable_prefix_caching=False,
+        enforce_eager=False,
+    ))
     import random
 
     rng = random.Random(spec["length"])
@@ -114,28 +103,20 @@ def main() -> None:
     ap.add_argument("--chunk", type=int, default=4096, help="max_num_batched_tokens")
     ap.add_argument("--configs", nargs="+", default=["stock", "full", "longgen"],
                     help="'stock' (CPU_ATTN) or adaptive_attention values / JSON paths")
-    ap.add_argument("--out", default=str(HERE / "results" / "throughput.json"))
-    ap.add_argument("--one", help=argparse.SUPPRESS)
+    ap.add_argument("--out", default=str(RESULTS / "throughput.json"))
+    add_child_args(ap, sequential=False)
     ns = ap.parse_args()
-    if ns.one:
-        print("RESULT " + json.dumps(run_one(json.loads(ns.one))), flush=True)
+    if run_child(ns, run_one):
         return
     rows = []
     for L in ns.lengths:
         for config in ns.configs:
             spec = dict(config=config, length=L, batch=ns.batch, decode_tokens=ns.decode_tokens,
                         dtype=ns.dtype, chunk=ns.chunk)
-            out = subprocess.run([sys.executable, __file__, "--one", json.dumps(spec)],
-                                 capture_output=True, text=True)
-            line = [l for l in out.stdout.splitlines() if l.startswith("RESULT ")]
-            if out.returncode or not line:
-                sys.exit(f"run failed for {spec}:\n{(out.stdout + out.stderr)[-4000:]}")
-            rows.append(json.loads(line[-1][7:]))
+            rows.append(run_subprocess(__file__, spec))
             print(json.dumps(rows[-1]), flush=True)
-    meta = {"machine": platform.processor() or platform.machine(), "cpus": os.cpu_count(),
-            "kv_space_gib": os.environ.get("VLLM_CPU_KVCACHE_SPACE"), "command": " ".join(sys.argv)}
-    Path(ns.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(ns.out).write_text(json.dumps({"meta": meta, "rows": rows}, indent=1))
+    doc_meta = {**meta(sys.argv), "kv_space_gib": os.environ.get("VLLM_CPU_KVCACHE_SPACE")}
+    write_doc(ns.out, {"meta": doc_meta, "rows": rows})
     print(table(rows))
 
 
