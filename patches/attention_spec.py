@@ -5,8 +5,9 @@ without a sliding window, and the backend's ``customize_spec`` hook receives
 only the spec, not the layer, so it cannot tell a sparse layer from a full one.
 The wrap asks the original for its spec and, for a layer served by ADAPTIVE,
 returns the spec of the layer's plan (``startup.kv_spec_for_layer``): for a
-sparse kind a ``SparsePatternSpec`` with the same page shape. vLLM's hybrid KV-cache manager then puts those layers
-into their own groups, managed by ``kv/manager.py``.
+sparse kind a ``SparsePatternSpec`` with the same page shape. vLLM's hybrid
+KV-cache manager then puts those layers into their own groups, managed by
+``kv/managers.py``.
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ RECORD = PatchRecord(
     "customize_spec docstring)",
     delete_when="the backend builds the layer's spec itself, with the layer's name",
 )
+
 
 def apply() -> None:
     from vllm.model_executor.layers.attention.attention import Attention

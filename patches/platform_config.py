@@ -29,6 +29,7 @@ RECORD = PatchRecord(
     delete_when="vLLM offers a config-validation hook for general plugins",
 )
 
+
 def apply() -> None:
     from vllm.platforms import current_platform
 

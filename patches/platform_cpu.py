@@ -22,6 +22,7 @@ RECORD = PatchRecord(
     delete_when="CpuPlatform.get_attn_backend_cls honours registered custom backends",
 )
 
+
 def apply() -> None:
     from vllm.platforms.cpu import CpuPlatform
 

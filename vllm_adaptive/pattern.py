@@ -156,7 +156,7 @@ class SparsePattern:
     def max_held_blocks(self, bs: int, max_len: int, chunk: int, in_step_free: bool = True) -> int:
         """Upper bound on blocks one request holds at any time, when at most
         ``chunk`` tokens are computed per step. With ``in_step_free`` blocks
-        dead at the end of a step are never allocated (see ``kv/manager.py``);
+        dead at the end of a step are never allocated (see ``kv/managers.py``);
         without it every token of the step gets its slot until the next step."""
         permanent = 0
         if self.sink:

@@ -22,7 +22,7 @@ import json
 from dataclasses import dataclass
 from typing import Any
 
-from vllm_adaptive.config import AdaptiveConfig, from_hf_config, raw_from_hf_config, num_layers_of, parse_config
+from vllm_adaptive.config import AdaptiveConfig, num_layers_of, parse_config, raw_from_hf_config
 from vllm_adaptive.errors import AdaptiveConfigError
 from vllm_adaptive.pattern import SparsePattern
 from vllm_adaptive.patterns import KINDS, PatternKind
@@ -156,4 +156,4 @@ def plan_for(vllm_config: Any) -> ModelPlan:
     )
 
 
-__all__ = ["LayerPlan", "ModelPlan", "from_hf_config", "plan_for", "resolve"]
+__all__ = ["LayerPlan", "ModelPlan", "plan_for", "resolve"]
