@@ -121,7 +121,7 @@ class AdaptiveMetadataBuilder(AttentionMetadataBuilder[AdaptiveMetadata]):
             dtype=vllm_config.model_config.dtype,
             kv_cache_dtype=vllm_config.cache_config.cache_dtype,
             block_size=kv_cache_spec.block_size,
-            null_slot_end=model_plan.block_size,
+            null_slot_end=model_plan.null_slot_end,
         )
         self.runner: Runner = runner_cls(geometry, pattern)
         if runner_cls.decodes_first:
@@ -198,7 +198,7 @@ class AdaptiveImpl(AttentionImpl[AdaptiveMetadata]):
                 num_heads=self.num_heads, num_kv_heads=self.num_kv_heads,
                 head_size=self.head_size, dtype=self.vllm_config.model_config.dtype,
                 kv_cache_dtype=self.kv_cache_dtype, block_size=kv_cache.shape[2],
-                null_slot_end=model_plan.block_size,
+                null_slot_end=model_plan.null_slot_end,
             )
             self.runner = lp.runner(geometry, lp.pattern)
         return self.runner

@@ -24,6 +24,7 @@ from typing import Any
 
 from vllm_adaptive.config import AdaptiveConfig, num_layers_of, parse_config, raw_from_hf_config
 from vllm_adaptive.errors import AdaptiveConfigError
+from vllm_adaptive.kv.specs import NULL_BLOCK_ID
 from vllm_adaptive.pattern import SparsePattern
 from vllm_adaptive.patterns import KINDS, PatternKind
 from vllm_adaptive.runners import AUTO_PATHS, RUNNERS, Runner
@@ -53,6 +54,12 @@ class ModelPlan:
     layers: tuple[LayerPlan, ...]
     block_size: int
     device_type: str
+
+    @property
+    def null_slot_end(self) -> int:
+        """Cache slots below this are the null block's (``kv.specs.NULL_BLOCK_ID``
+        = 0, checked by every manager): sparse runners never store tokens there."""
+        return (NULL_BLOCK_ID + 1) * self.block_size
 
     def layer(self, layer_idx: int) -> LayerPlan:
         self.config.kind_of(layer_idx)  # IndexError naming the table
