@@ -26,9 +26,13 @@ DEFAULT_MAPS = ["full", "longgen", "longgen-strided",
 def resolve_map(arg: str) -> dict:
     """``{"name", "backend", "adaptive_attention", "source"}`` for a ``--maps`` entry."""
     name, _, path = arg.partition("=") if "=" in arg else ("", "", arg)
-    if path == "CPU_ATTN":
-        return {"name": name or "CPU_ATTN", "backend": "CPU_ATTN", "adaptive_attention": None,
-                "source": "stock vLLM"}
+    if path in ("CPU_ATTN", "CPU_ATTN-fp8"):
+        # stock vLLM, with its own fp8 KV cache (--kv-cache-dtype fp8) for the -fp8 entry
+        out = {"name": name or path, "backend": "CPU_ATTN", "adaptive_attention": None,
+               "source": "stock vLLM"}
+        if path.endswith("-fp8"):
+            out["kv_cache_dtype"] = "fp8"
+        return out
     p = Path(path)
     if path.endswith(".json") or p.is_file():
         obj = json.loads(p.read_text())
@@ -54,6 +58,8 @@ def engine_kwargs(m: dict, **kw) -> dict:
                 enforce_eager=True, seed=0, attention_backend=m["backend"])
     if m["adaptive_attention"] is not None:
         args["hf_overrides"] = {"adaptive_attention": m["adaptive_attention"]}
+    if m.get("kv_cache_dtype"):
+        args["kv_cache_dtype"] = m["kv_cache_dtype"]
     args.update(kw)
     return args
 

@@ -39,7 +39,8 @@ from common import (RESULTS, add_child_args, engine_kwargs, meta, resolve_map, r
 def config_map(config: str) -> dict:
     """``stock`` = CPU_ATTN; anything else is an ``adaptive_attention`` value
     (a preset name or a path to a JSON file holding one; common.resolve_map)."""
-    return resolve_map("CPU_ATTN" if config == "stock" else config)
+    stock = {"stock": "CPU_ATTN", "stock-fp8": "CPU_ATTN-fp8"}
+    return resolve_map(stock.get(config, config))
 
 
 def run_one(spec: dict) -> dict:

@@ -57,7 +57,8 @@ def main() -> None:
     metrics = {}
     if spec.get("metrics"):
         for m in llm.get_metrics():
-            if m.name in ("vllm:num_preemptions", "vllm:prompt_tokens"):
+            if m.name in ("vllm:num_preemptions", "vllm:prompt_tokens",
+                          "vllm:prefix_cache_hits", "vllm:prefix_cache_queries"):
                 metrics[m.name] = getattr(m, "value", None)
     result = {
         "metrics": metrics,

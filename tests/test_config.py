@@ -165,3 +165,34 @@ def test_missing_runner_names_layer_and_what_exists(monkeypatch):
     window = parse_config({"preset": "longgen", "sink_window": {"block": 1}}, 30)
     with pytest.raises(AdaptiveConfigError, match=r"no kernel path runs layer 0 \(sink_window, kv_format model_dtype\) on cpu: vllm_cpu: vLLM's CPU kernel .*; torch: no runner"):
         resolve_on(window)
+
+
+def test_kivi_presets_and_per_kind_formats():
+    cfg = parse_config("kivi4", 30)
+    plan = resolve_on(cfg)
+    assert {lp.kv_format for lp in plan.layers} == {"kivi"}
+    assert {lp.path for lp in plan.layers} == {"torch"}  # vLLM's CPU ops cannot read it
+    assert plan.layers[0].kv_params.bits == 4
+    lg = resolve_on(parse_config("longgen-kivi4", 30))
+    assert {(lp.kind, lp.kv_format) for lp in lg.layers} == {("full", "kivi"), ("sink_window", "kivi")}
+    only_sparse = parse_config({"preset": "longgen", "kv_format": {"sink_window": "kivi"},
+                                "kivi": {"bits": 2}}, 30)
+    plan = resolve_on(only_sparse)
+    assert {lp.kv_format for lp in plan.layers if lp.kind == "full"} == {"model_dtype"}
+    assert {lp.kv_params.bits for lp in plan.layers if lp.kind == "sink_window"} == {2}
+    assert "kivi(int2" in plan.table()
+
+
+@pytest.mark.parametrize("raw,block_size,needle", [
+    ({"preset": "kivi4", "kivi": {"bits": 3}}, 128, "adaptive_attention.kivi.bits: expected one of [8, 4, 2], got 3"),
+    ({"preset": "kivi4", "kivi": {"bit": 4}}, 128, "unknown key(s) ['bit']"),
+    ({"preset": "kivi4", "kivi": {"group_size": 48}}, 128, "kivi.group_size: expected a divisor of the block size 128, got 48"),
+    ({"preset": "kivi4", "kivi": {"group_size": 0}}, 128, "kivi.group_size: expected a positive int"),
+    ({"preset": "kivi4", "kivi": {"group_size": 32, "residual": 48}}, 128, "kivi.residual: expected a multiple of group_size 32"),
+    ({"preset": "kivi4", "kivi": {"residual": 256}}, 256, "kivi.residual: expected at most the model's length 128"),
+    ({"kv_format": "int4"}, 128, "kv_format: expected one of ['model_dtype', 'kivi'], got 'int4'"),
+])
+def test_kivi_bad_values_name_the_key(raw, block_size, needle):
+    with pytest.raises(AdaptiveConfigError) as e:
+        resolve_on(parse_config(raw, 30), block_size=block_size, max_model_len=128)
+    assert needle in str(e.value)

@@ -122,6 +122,7 @@ class AdaptiveMetadataBuilder(AttentionMetadataBuilder[AdaptiveMetadata]):
             kv_cache_dtype=vllm_config.cache_config.cache_dtype,
             block_size=kv_cache_spec.block_size,
             null_slot_end=model_plan.null_slot_end,
+            kv_params=plans[0].kv_params,
         )
         self.runner: Runner = runner_cls(geometry, pattern)
         if runner_cls.decodes_first:
@@ -199,6 +200,7 @@ class AdaptiveImpl(AttentionImpl[AdaptiveMetadata]):
                 head_size=self.head_size, dtype=self.vllm_config.model_config.dtype,
                 kv_cache_dtype=self.kv_cache_dtype, block_size=kv_cache.shape[2],
                 null_slot_end=model_plan.null_slot_end,
+                kv_params=lp.kv_params,
             )
             self.runner = lp.runner(geometry, lp.pattern)
         return self.runner
@@ -211,7 +213,14 @@ class AdaptiveImpl(AttentionImpl[AdaptiveMetadata]):
         kv_cache: torch.Tensor,  # [num_blocks, num_kv_heads, block_size, 2 * head_size]
         slot_mapping: torch.Tensor,  # [num_tokens]
     ) -> None:
-        self._runner(layer, kv_cache).write(key, value, kv_cache, slot_mapping)
+        runner = self._runner(layer, kv_cache)
+        if runner.write_needs_metadata:
+            md = _step_metadata(layer.layer_name)
+            if md is None:  # profiling / warm-up run
+                return
+            runner.write(key, value, kv_cache, slot_mapping, md=md)
+        else:
+            runner.write(key, value, kv_cache, slot_mapping)
 
     def forward(
         self,
@@ -234,3 +243,15 @@ class AdaptiveImpl(AttentionImpl[AdaptiveMetadata]):
             query[:n], key[:n], value[:n], kv_cache, attn_metadata, self.scale, output[:n]
         )
         return output
+
+
+def _step_metadata(layer_name: str) -> AdaptiveMetadata | None:
+    """The layer's metadata of the running step, from vLLM's forward context."""
+    from vllm.forward_context import get_forward_context
+
+    attn_metadata = get_forward_context().attn_metadata
+    if attn_metadata is None:
+        return None
+    if not isinstance(attn_metadata, dict):
+        raise NotImplementedError(f"{BACKEND_NAME}: micro-batched attention metadata")
+    return attn_metadata.get(layer_name)

@@ -24,6 +24,7 @@ from typing import Any
 
 from vllm_adaptive.errors import CONFIG_KEY, AdaptiveConfigError, config_error
 from vllm_adaptive.formats import DEFAULT_FORMAT, FORMATS
+from vllm_adaptive.formats.kivi import BITS, KiviParams
 from vllm_adaptive.pattern import SparsePattern
 from vllm_adaptive.patterns import KINDS
 
@@ -52,7 +53,21 @@ PRESETS: dict[str, dict[str, Any]] = {
     "longgen": {"default_kind": "sink_window", "full_layers": "middle_third"},
     # LongGen's block-sparse variant: local blocks + every 8th block.
     "longgen-strided": {"default_kind": "strided", "full_layers": "middle_third"},
+    # KIVI-style quantized KV on every layer (formats/kivi.py): keys per
+    # channel in groups of a block, values per token, a block of residual.
+    "kivi8": {"kv_format": "kivi", "kivi": {"bits": 8}},
+    "kivi4": {"kv_format": "kivi", "kivi": {"bits": 4}},
+    "kivi2": {"kv_format": "kivi", "kivi": {"bits": 2}},
+    # LongGen's map with every layer's KV in int4.
+    "longgen-kivi4": {
+        "default_kind": "sink_window", "full_layers": "middle_third",
+        "kv_format": "kivi", "kivi": {"bits": 4},
+    },
 }
+
+#: ``adaptive_attention.kivi``: the quantized format's parameters. ``null``
+#: group_size / residual mean the engine's block size.
+KIVI_DEFAULTS: dict[str, Any] = {"bits": 4, "group_size": None, "residual": None}
 
 _DEFAULTS: dict[str, Any] = {
     "preset": None,
@@ -61,8 +76,11 @@ _DEFAULTS: dict[str, Any] = {
     "layer_kinds": None,
     "kernels": "auto",
     "kv_format": DEFAULT_FORMAT,
+    "kivi": dict(KIVI_DEFAULTS),
     **copy.deepcopy(KIND_DEFAULTS),
 }
+#: Top-level keys whose dict value merges key by key over the preset's.
+_SUB_DICTS = (*KIND_DEFAULTS, "kivi")
 
 
 @dataclass(frozen=True)
@@ -75,6 +93,11 @@ class AdaptiveConfig:
     kernels: Mapping[str, str] = field(default_factory=dict)  # per kind
     kv_formats: Mapping[str, str] = field(default_factory=dict)  # per kind
     patterns: Mapping[str, SparsePattern] = field(default_factory=dict, repr=False)
+    kivi: KiviParams = field(default_factory=KiviParams)
+
+    def kv_params(self, kind: str) -> KiviParams | None:
+        """The parameters of a kind's KV format (None for ``model_dtype``)."""
+        return self.kivi if self.kv_formats[kind] == "kivi" else None
 
     def kind_of(self, layer_idx: int) -> str:
         if not 0 <= layer_idx < self.num_layers:
@@ -108,7 +131,10 @@ class AdaptiveConfig:
         full = f", full layers {list(self.full_layer_indices)}" if self.sparse_kinds_used else ""
         pats = "".join(f", {k}({self.patterns[k].describe()})" for k in self.sparse_kinds_used)
         kernels = ",".join(sorted({self.kernels[k] for k in self.kinds_used}))
-        formats = ",".join(sorted({self.kv_formats[k] for k in self.kinds_used}))
+        formats = ",".join(sorted({
+            self.kv_formats[k] + (f"({p.describe()})" if (p := self.kv_params(k)) else "")
+            for k in self.kinds_used
+        }))
         return (
             f"{CONFIG_KEY}={self.preset or 'custom'}: {self.num_layers} layers ({counts})"
             f"{full}{pats}, kernels={kernels}, kv_format={formats}"
@@ -166,7 +192,7 @@ def parse_config(raw: Any, num_layers: int) -> AdaptiveConfig:
     for k, v in raw.items():
         if k == "preset":
             continue
-        if k in KIND_DEFAULTS and isinstance(v, Mapping) and isinstance(merged.get(k), Mapping):
+        if k in _SUB_DICTS and isinstance(v, Mapping) and isinstance(merged.get(k), Mapping):
             merged[k] = {**merged[k], **v}  # a kind's sub-dict merges key by key
         else:
             merged[k] = v
@@ -191,6 +217,7 @@ def parse_config(raw: Any, num_layers: int) -> AdaptiveConfig:
         kinds = tuple("full" if i in full else default_kind for i in range(num_layers))
 
     patterns = {k: KINDS[k].parse(merged[k]) for k in KIND_DEFAULTS}
+    kivi = _parse_kivi(merged["kivi"])
     return AdaptiveConfig(
         preset=preset,
         default_kind=default_kind,
@@ -200,7 +227,26 @@ def parse_config(raw: Any, num_layers: int) -> AdaptiveConfig:
         kernels=kernels,
         kv_formats=kv_formats,
         patterns=patterns,
+        kivi=kivi,
     )
+
+
+def _parse_kivi(value: Any) -> KiviParams:
+    keys = list(KIVI_DEFAULTS)
+    if not isinstance(value, Mapping):
+        raise config_error("kivi", f"a dict with keys {keys}", value)
+    unknown = sorted(set(value) - set(keys))
+    if unknown:
+        raise AdaptiveConfigError(f"{CONFIG_KEY}.kivi: unknown key(s) {unknown}; allowed keys are {keys}")
+    merged = {**KIVI_DEFAULTS, **value}
+    bits = merged["bits"]
+    if isinstance(bits, bool) or bits not in BITS:
+        raise config_error("kivi.bits", f"one of {list(BITS)}", bits)
+    for k in ("group_size", "residual"):
+        v = merged[k]
+        if v is not None and (not isinstance(v, int) or isinstance(v, bool) or v < 1):
+            raise config_error(f"kivi.{k}", "a positive int, or null for the block size", v)
+    return KiviParams(bits=bits, group_size=merged["group_size"], residual=merged["residual"])
 
 
 def middle_third(num_layers: int) -> tuple[int, ...]:
@@ -243,3 +289,23 @@ def raw_from_hf_config(hf_config: Any) -> Any:
 
 def from_hf_config(hf_config: Any) -> AdaptiveConfig:
     return parse_config(raw_from_hf_config(hf_config), num_layers_of(hf_config))
+
+
+def check_kivi_engine(params: KiviParams, block_size: int, max_model_len: int) -> None:
+    """The ``kivi`` checks that need the engine's block size and length."""
+    g = params.group_size or block_size
+    r = params.residual or block_size
+    if block_size % g:
+        raise config_error(
+            "kivi.group_size", f"a divisor of the block size {block_size}", params.group_size
+        )
+    if r > max_model_len:
+        raise config_error(
+            "kivi.residual", f"at most the model's length {max_model_len}", params.residual
+        )
+    if r % g or block_size % r:
+        raise config_error(
+            "kivi.residual",
+            f"a multiple of group_size {g} that divides the block size {block_size}",
+            params.residual,
+        )

@@ -22,7 +22,7 @@ import json
 from dataclasses import dataclass
 from typing import Any
 
-from vllm_adaptive.config import AdaptiveConfig, num_layers_of, parse_config, raw_from_hf_config
+from vllm_adaptive.config import AdaptiveConfig, check_kivi_engine, num_layers_of, parse_config, raw_from_hf_config
 from vllm_adaptive.errors import AdaptiveConfigError
 from vllm_adaptive.kv.specs import NULL_BLOCK_ID
 from vllm_adaptive.pattern import SparsePattern
@@ -38,6 +38,7 @@ class LayerPlan:
     kv_format: str
     path: str
     runner: type[Runner]
+    kv_params: Any = None  # the KV format's parameters (KiviParams), None for model_dtype
 
     @property
     def pattern_kind(self) -> PatternKind:
@@ -75,7 +76,8 @@ class ModelPlan:
         rows: dict[tuple, list[int]] = {}
         for p in self.layers:
             pat = p.pattern.describe() if p.pattern else "-"
-            rows.setdefault((p.kind, pat, p.kv_format, p.path), []).append(p.layer_idx)
+            fmt = p.kv_format + (f"({p.kv_params.describe()})" if p.kv_params else "")
+            rows.setdefault((p.kind, pat, fmt, p.path), []).append(p.layer_idx)
         lines = [f"{'kind':<12} {'pattern':<40} {'kv_format':<12} {'path':<9} layers"]
         for (kind, pat, fmt, path), idx in rows.items():
             lines.append(f"{kind:<12} {pat:<40} {fmt:<12} {path:<9} {_ranges(idx)}")
@@ -133,13 +135,17 @@ def resolve(cfg: AdaptiveConfig, *, block_size: int, device_type: str, max_model
     """Every layer's plan; raises AdaptiveConfigError naming the key and layer."""
     for kind in cfg.kinds_used:
         KINDS[kind].check_engine(cfg.pattern(kind), block_size, max_model_len)
+        if cfg.kv_params(kind) is not None:
+            check_kivi_engine(cfg.kv_params(kind), block_size, max_model_len)
     chosen: dict[str, tuple[str, type[Runner]]] = {}
     layers = []
     for i, kind in enumerate(cfg.kinds):
         if kind not in chosen:  # one decision per kind: a group runs one path
             chosen[kind] = _choose(cfg, i, kind, block_size, device_type)
         path, runner = chosen[kind]
-        layers.append(LayerPlan(i, kind, cfg.pattern(kind), cfg.kv_formats[kind], path, runner))
+        layers.append(LayerPlan(
+            i, kind, cfg.pattern(kind), cfg.kv_formats[kind], path, runner, cfg.kv_params(kind)
+        ))
     return ModelPlan(cfg, tuple(layers), block_size, device_type)
 
 

@@ -125,10 +125,12 @@ def kv_spec_for_layer(layer_name: str, spec, vllm_config: Any):
     from vllm_adaptive.plan import plan_for
 
     lp = plan_for(vllm_config).for_layer_name(layer_name)
-    if lp.frees_blocks:
+    if lp.frees_blocks or lp.kv_params is not None:
         register_kv_specs()
     spec = lp.pattern_kind.kv_spec(
         spec, lp.pattern, chunk_tokens=vllm_config.max_in_flight_tokens,
         in_step_free=lp.runner.in_step_free,
     )
+    if lp.kv_params is not None:
+        return FORMATS[lp.kv_format].customize_spec(spec, lp.kv_params)
     return FORMATS[lp.kv_format].customize_spec(spec)

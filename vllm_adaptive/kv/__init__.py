@@ -12,16 +12,16 @@ in place.
 
 from __future__ import annotations
 
-from vllm_adaptive.kv.specs import SparsePatternSpec
+from vllm_adaptive.kv.specs import ResidualFullSpec, SparsePatternSpec
 
 _REGISTERED = False
 
 
 def registrations() -> list[tuple[type, type]]:
     """(spec, manager) pairs (managers import vLLM's scheduler-side code)."""
-    from vllm_adaptive.kv.managers import SparsePatternManager
+    from vllm_adaptive.kv.managers import ResidualFullManager, SparsePatternManager
 
-    return [(SparsePatternSpec, SparsePatternManager)]
+    return [(SparsePatternSpec, SparsePatternManager), (ResidualFullSpec, ResidualFullManager)]
 
 
 def register_kv_specs() -> None:
@@ -36,4 +36,4 @@ def register_kv_specs() -> None:
     _REGISTERED = True
 
 
-__all__ = ["SparsePatternSpec", "register_kv_specs", "registrations"]
+__all__ = ["ResidualFullSpec", "SparsePatternSpec", "register_kv_specs", "registrations"]

@@ -34,7 +34,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 from vllm.v1.core.kv_cache_utils import KVCacheBlock
-from vllm.v1.core.single_type_kv_cache_manager import SingleTypeKVCacheManager
+from vllm.v1.core.single_type_kv_cache_manager import FullAttentionManager, SingleTypeKVCacheManager
 
 from vllm_adaptive.kv.specs import NULL_BLOCK_ID, SparsePatternSpec
 from vllm_adaptive.pattern import cdiv
@@ -60,12 +60,16 @@ class SparsePatternManager(SingleTypeKVCacheManager):
 
     # ------------------------------------------------------------- admission
     def _new_live(self, start: int, num_tokens: int) -> list[bool]:
+        # Indices past the tokens' blocks are the KV format's residual blocks
+        # (``spec.residual_blocks``), always real.
         bs = self.block_size
+        n = cdiv(num_tokens, bs)
+        end = n + self.kv_cache_spec.residual_blocks if num_tokens else 0
         if not self.kv_cache_spec.in_step_free:
-            return [True] * max(0, cdiv(num_tokens, bs) - start)
+            return [True] * max(0, end - start)
         return [
-            self.pattern.block_live(b, bs, num_tokens)
-            for b in range(start, cdiv(num_tokens, bs))
+            b >= n or self.pattern.block_live(b, bs, num_tokens)
+            for b in range(start, end)
         ]
 
     def get_num_blocks_to_allocate(
@@ -86,7 +90,8 @@ class SparsePatternManager(SingleTypeKVCacheManager):
             # Whole-sequence admission gate: the most this request will ever hold.
             spec = self.kv_cache_spec
             assert isinstance(spec, SparsePatternSpec)
-            peak = min(cdiv(num_tokens, self.block_size), spec.max_blocks_held(num_tokens))
+            peak = min(cdiv(num_tokens, self.block_size) + spec.residual_blocks,
+                       spec.max_blocks_held(num_tokens))
             held = sum(not blk.is_null for blk in blocks)
             return max(0, peak - held)
         return sum(self._new_live(len(blocks), num_tokens))
@@ -174,13 +179,15 @@ class SparsePatternManager(SingleTypeKVCacheManager):
         for req, blocks in self.req_to_blocks.items():
             n_alloc = self._allocated_to.get(req, 0)
             n_removed = self._removed_at.get(req, 0)
-            if len(blocks) != cdiv(n_alloc, bs):
+            n_res = self.kv_cache_spec.residual_blocks if n_alloc else 0
+            if len(blocks) != cdiv(n_alloc, bs) + n_res:
                 raise AssertionError(
-                    f"{req}: {len(blocks)} entries for {n_alloc} tokens (block size {bs})"
+                    f"{req}: {len(blocks)} entries for {n_alloc} tokens (block size {bs}, "
+                    f"{n_res} residual blocks)"
                 )
             for b, blk in enumerate(blocks):
                 if blk.is_null:
-                    if pat.block_live(b, bs, n_alloc):
+                    if b >= cdiv(n_alloc, bs) or pat.block_live(b, bs, n_alloc):
                         raise AssertionError(f"{req}: block {b} is live at {n_alloc} but null")
                     continue
                 if b * bs < n_removed and not pat.block_live(b, bs, n_removed):
@@ -198,3 +205,23 @@ class SparsePatternManager(SingleTypeKVCacheManager):
 
     def num_held_blocks(self, request_id: str) -> int:
         return sum(not b.is_null for b in self.req_to_blocks.get(request_id, ()))
+
+
+class ResidualFullManager(FullAttentionManager):
+    """vLLM's full-attention manager, plus ``spec.residual_blocks`` blocks per
+    request beyond its tokens' (a packed KV format's full-precision residual,
+    ``formats/kivi.py``). They are allocated with the request's first tokens
+    and move along as it grows: they are simply the next block-table entries,
+    so admission, capacity and preemption see them like any other block."""
+
+    def _extra(self, num_tokens: int) -> int:
+        return self.kv_cache_spec.residual_blocks * self.block_size if num_tokens else 0
+
+    def get_num_blocks_to_allocate(self, request_id, num_tokens, *args, **kwargs) -> int:
+        return super().get_num_blocks_to_allocate(
+            request_id, num_tokens + self._extra(num_tokens), *args, **kwargs
+        )
+
+    def allocate_new_blocks(self, request_id, num_tokens, num_tokens_main_model):
+        extra = self._extra(num_tokens)
+        return super().allocate_new_blocks(request_id, num_tokens + extra, num_tokens_main_model + extra)

@@ -16,9 +16,9 @@ patterns form their own KV-cache groups next to the full-attention group.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, fields, replace
 
-from vllm.v1.kv_cache_interface import AttentionSpec
+from vllm.v1.kv_cache_interface import AttentionSpec, FullAttentionSpec
 
 from vllm_adaptive.pattern import SparsePattern
 
@@ -48,6 +48,9 @@ class SparsePatternSpec(AttentionSpec):
     # tokens then live only in the step's fresh K/V). False for kernels that
     # read every key from the cache (vLLM's CPU attention).
     in_step_free: bool = True
+    # Blocks each request holds beyond its tokens' (a packed KV format's
+    # full-precision residual, ``formats/kivi.py``); 0 for ``model_dtype``.
+    residual_blocks: int = 0
 
     @property
     def pattern(self) -> SparsePattern:
@@ -57,7 +60,10 @@ class SparsePatternSpec(AttentionSpec):
         return self.pattern.max_held_blocks(
             self.block_size, max_model_len, self.chunk_tokens or max_model_len,
             self.in_step_free,
-        )
+        ) + self.residual_blocks
+
+    def max_num_blocks_per_req(self, vllm_config, max_len: int) -> int:
+        return super().max_num_blocks_per_req(vllm_config, max_len) + self.residual_blocks
 
     def max_memory_usage_bytes(self, vllm_config) -> int:
         max_model_len = vllm_config.model_config.max_model_len
@@ -71,3 +77,39 @@ class SparsePatternSpec(AttentionSpec):
         page = {f.name: getattr(spec, f.name) for f in fields(AttentionSpec) if f.init}
         pat = {_SPEC_FIELD.get(f, f): getattr(pattern, f) for f in _PATTERN_FIELDS}
         return cls(**page, **pat, chunk_tokens=chunk_tokens, in_step_free=in_step_free)
+
+
+@dataclass(frozen=True, kw_only=True)
+class ResidualFullSpec(FullAttentionSpec):
+    """A full-attention layer whose KV format keeps a per-request residual in
+    ``residual_blocks`` extra blocks (``formats/kivi.py``). A
+    ``FullAttentionSpec`` in every other respect (prefix caching included);
+    its manager (``kv/managers.py``) adds the residual blocks to every
+    allocation, and the worker's block table is that much wider."""
+
+    residual_blocks: int = 0
+
+    def max_memory_usage_bytes(self, vllm_config) -> int:
+        return super().max_memory_usage_bytes(vllm_config) + self.residual_blocks * self.page_size_bytes
+
+    def max_num_blocks_per_req(self, vllm_config, max_len: int) -> int:
+        return super().max_num_blocks_per_req(vllm_config, max_len) + self.residual_blocks
+
+    @classmethod
+    def merge(cls, specs):
+        merged = super().merge(specs)
+        widths = {s.residual_blocks for s in specs}
+        if len(widths) != 1:
+            raise ValueError(f"layers of one KV-cache group hold different residual blocks: {sorted(widths)}")
+        return cls(**{f.name: getattr(merged, f.name) for f in fields(FullAttentionSpec) if f.init},
+                   residual_blocks=widths.pop())
+
+
+def with_residual_blocks(spec, residual_blocks: int):
+    """``spec`` holding ``residual_blocks`` extra blocks per request."""
+    if isinstance(spec, SparsePatternSpec):
+        return replace(spec, residual_blocks=residual_blocks)
+    if type(spec) is FullAttentionSpec:
+        page = {f.name: getattr(spec, f.name) for f in fields(FullAttentionSpec) if f.init}
+        return ResidualFullSpec(**page, residual_blocks=residual_blocks)
+    raise TypeError(f"no residual-block variant of {type(spec).__name__}")

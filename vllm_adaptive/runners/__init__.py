@@ -12,13 +12,19 @@ from vllm_adaptive.runners.base import Geometry, Runner, StepPlan
 from vllm_adaptive.runners.dense_torch import DenseTorch
 from vllm_adaptive.runners.dense_triton import DenseTriton
 from vllm_adaptive.runners.dense_vllm_cpu import DenseVllmCpu
+from vllm_adaptive.runners.kivi_torch import (
+    DenseKiviTorch, DenseKiviTriton, SparseKiviTorch, SparseKiviTriton,
+)
 from vllm_adaptive.runners.sparse_torch import SparseTorch
 from vllm_adaptive.runners.sparse_triton import SparseTriton
 from vllm_adaptive.runners.sparse_vllm_cpu import SparseVllmCpu
 
 RUNNERS: dict[tuple[str, str, str], type[Runner]] = {
     (r.family, r.kv_format, r.path): r
-    for r in (DenseVllmCpu, DenseTorch, DenseTriton, SparseVllmCpu, SparseTorch, SparseTriton)
+    for r in (
+        DenseVllmCpu, DenseTorch, DenseTriton, SparseVllmCpu, SparseTorch, SparseTriton,
+        DenseKiviTorch, SparseKiviTorch, DenseKiviTriton, SparseKiviTriton,
+    )
 }
 
 #: What ``kernels: auto`` tries, in order, per device type.

@@ -19,13 +19,15 @@ from the fresh K/V, so the manager need not store keys that die within the
 step), ``decodes_first`` (it needs vLLM to order decode requests first, like
 vLLM's own GPU backends, so decode rows never take the prefill kernel),
 ``host_lengths`` (its plan reads the step's lengths on the host: the builder
-copies ``seq_lens`` there, a device sync on CUDA, only for such runners).
+copies ``seq_lens`` there, a device sync on CUDA, only for such runners),
+``write_needs_metadata`` (``write`` also gets the step's metadata, ``md=``:
+a packed format finds its residual pages through the block table).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import torch
 
@@ -49,6 +51,8 @@ class Geometry:
     # Slots below this belong to the null block, which the KV manager puts
     # where a sparse layer stores nothing (kv/managers.py).
     null_slot_end: int = 0
+    # The KV format's parameters (``formats.kivi.KiviParams``); None for model_dtype.
+    kv_params: Any = None
 
 
 class StepPlan:
@@ -63,6 +67,7 @@ class Runner:
     in_step_free: ClassVar[bool] = False
     decodes_first: ClassVar[bool] = False
     host_lengths: ClassVar[bool] = False
+    write_needs_metadata: ClassVar[bool] = False
 
     @classmethod
     def unsupported(cls, pattern: SparsePattern | None, block_size: int) -> str | None:

@@ -1,0 +1,617 @@
+"""Triton kernels for the KIVI quantized paged KV (``formats/kivi.py``):
+attention straight from the packed pages, and quantize-on-write.
+
+Neither kernel materialises a dequantized cache: pages are read as bytes
+(``KiviLayout.pages``, ``[num_blocks, H_kv, page_bytes]`` uint8) and the
+float16 scales / model-dtype residual keys are read through pointer casts of
+the same bytes.
+
+**Channel order.** Codes are packed planar (byte ``j`` of a token holds
+channel ``j + s * CC`` in bits ``s * bits ..``, ``CC = D / p``). A tile of
+packed bytes ``[N, CC]`` is unpacked in registers into ``[N, p, CC]`` (one
+shift per plane) and reshaped to ``[N, p * CC]``: position ``s * CC + j`` *is*
+channel ``s * CC + j``, so plane ``s`` fills the contiguous channel range
+``s*CC .. (s+1)*CC - 1``, one dot product covers every plane (the sum over
+planes is the dot's own reduction), and no byte is loaded twice. When ``CC``
+is not a power of two, each plane is padded to ``CC_PAD`` lanes and the query
+and output use the same padded-planar order (``chan = s * CC + j``, lanes
+``j >= CC`` masked).
+
+**Attention** (:func:`kivi_paged_attention`): one program per (query tile,
+KV head, split). A query tile is ``BLOCK_Q`` consecutive query tokens of one
+request times the GQA group's query heads (rows of ``BLOCK_M``), as in
+``sparse_prefill``; decode steps use the same kernel with split-KV
+(flash-decoding), partials merged by ``_merge_kernel``. The program walks the
+request's keys in tiles of ``TILE_N`` tokens (``TILE_N`` divides the block
+size, so a tile sits in one page):
+
+- keys: codes ``*`` per-channel scale ``+`` min of their group (a ``[DP]``
+  vector when the tile lies in one group, else a per-token gather), positions
+  ``< e = seq_len // R * R`` only; positions ``e .. seq_len - 1`` (the open
+  residual segment) take the full-precision keys of the residual pages
+  (block-table entry ``e // bs + 1 + i // tpp``, row ``i % tpp``);
+- values: per-token scale folded into the probabilities,
+  ``p @ v = (p * s_t) @ codes + (p @ m_t)``;
+- masks: causal, ``pos < seq_len`` and the LongGen pattern's predicate
+  (same terms as ``SparsePattern.visible``), all by ``tl.where`` on masked
+  loads: slots past the request's tokens hold stale bytes (NaN / inf scales
+  possible) and are never used in arithmetic;
+- sparse layers: below the pattern's local span only tiles holding a sink or
+  vertical-stride token are visited (jumps as in ``sparse_prefill``), so
+  pages no query of the tile can read are never loaded.
+
+**Write** (:func:`kivi_write`): one launch, one program per (item, KV head),
+items being: a new token's value (per-token quantize + pack), a group of a
+completed key segment (per-channel quantize over ``group`` tokens taken from
+``cat(new keys, old residual keys)`` through ``plan.seg_src``), a residual key
+copy. The old residual keys are gathered with torch first (their pages may be
+the blocks this step fills); all the kernel's writes are then disjoint, so
+their order does not matter. Arithmetic is that of ``kernels.kivi.quantize``
+step by step in float32 with IEEE-rounded division (``div_rn``) and
+round-half-to-even, so codes and scales are bit-identical to the torch path.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from vllm_adaptive.formats.kivi import KiviLayout
+from vllm_adaptive.kernels import _triton
+from vllm_adaptive.kernels._triton import tl
+from vllm_adaptive.kernels.kivi import WritePlan
+from vllm_adaptive.pattern import SparsePattern
+
+# Masked scores use a finite -1e30, not -inf, so a row with nothing visible
+# (an empty split) stays NaN-free; masked probabilities are zeroed explicitly.
+
+
+def _kivi_attn_kernel(
+    out_ptr,  # [num_tokens, num_heads, head_size]
+    m_part_ptr,  # [num_tokens, num_heads, NUM_SPLITS] fp32 (NUM_SPLITS > 1)
+    l_part_ptr,  # [num_tokens, num_heads, NUM_SPLITS] fp32
+    acc_part_ptr,  # [num_tokens, num_heads, NUM_SPLITS, DP] fp32, padded-planar order
+    q_ptr,  # [num_tokens, num_heads, head_size]
+    pages_ptr,  # [num_blocks, num_kv_heads, page_bytes] uint8 (strided)
+    res_ptr,  # the same cache in the model dtype (residual keys)
+    block_table_ptr,  # [num_reqs, width]
+    query_start_loc_ptr,  # [num_reqs + 1]
+    seq_lens_ptr,  # [num_reqs]
+    cu_qtiles_ptr,  # [num_reqs + 1] cumulative query tiles per request
+    num_reqs,
+    num_heads,
+    scale,
+    stride_q_tok, stride_q_head,
+    stride_o_tok, stride_o_head,
+    stride_pg_blk, stride_pg_head,  # bytes
+    stride_res_blk, stride_res_head,  # model-dtype elements
+    stride_bt,
+    SPARSE: tl.constexpr,
+    SINK: tl.constexpr,  # pattern terms, 0 = off (pattern.SparsePattern)
+    WINDOW: tl.constexpr,
+    PBLOCK: tl.constexpr,  # the pattern's block, not the cache page
+    LOCAL_BLOCKS: tl.constexpr,
+    VERT_STRIDE: tl.constexpr,
+    QUERIES_PER_KV: tl.constexpr,
+    GROUP_PAD: tl.constexpr,
+    HEAD_SIZE: tl.constexpr,
+    BITS: tl.constexpr,
+    CC: tl.constexpr,  # code bytes per token (head_size * bits / 8)
+    CC_PAD: tl.constexpr,
+    BLOCK_SIZE: tl.constexpr,  # cache page size (tokens)
+    GROUP: tl.constexpr,  # key quantization group (tokens)
+    RESIDUAL: tl.constexpr,  # residual segment (tokens)
+    TPP: tl.constexpr,  # residual keys per residual page
+    V_CODES_OFF: tl.constexpr,
+    V_SCALE_OFF: tl.constexpr,
+    K_SCALE_OFF: tl.constexpr,
+    TILE_N: tl.constexpr,  # key tokens per iteration, divides BLOCK_SIZE
+    BLOCK_Q: tl.constexpr,
+    BLOCK_M: tl.constexpr,  # BLOCK_Q * GROUP_PAD
+    NUM_SPLITS: tl.constexpr,
+    USE_DOT: tl.constexpr,  # tl.dot (every dim >= 16) or broadcast-and-sum
+    FP32_DOT: tl.constexpr,  # exact fp32 dots (fp32 model, or the interpreter)
+):
+    P: tl.constexpr = 8 // BITS
+    DP: tl.constexpr = P * CC_PAD
+    CODE_MASK: tl.constexpr = (1 << BITS) - 1
+
+    tile = tl.program_id(0)
+    kv_head = tl.program_id(1)
+    split = tl.program_id(2)
+
+    # Which request owns this tile: binary search over cu_qtiles.
+    lo = 0
+    hi = num_reqs
+    while lo < hi:
+        mid = (lo + hi) // 2
+        if tl.load(cu_qtiles_ptr + mid + 1) <= tile:
+            lo = mid + 1
+        else:
+            hi = mid
+    req = lo
+    if req < num_reqs:
+        q_start = tl.load(query_start_loc_ptr + req).to(tl.int32)
+        query_len = tl.load(query_start_loc_ptr + req + 1).to(tl.int32) - q_start
+        seq_len = tl.load(seq_lens_ptr + req).to(tl.int32)
+        context_len = seq_len - query_len
+        local_tile = tile - tl.load(cu_qtiles_ptr + req).to(tl.int32)
+
+        rows = tl.arange(0, BLOCK_M)
+        q_idx = local_tile * BLOCK_Q + rows // GROUP_PAD
+        g = rows % GROUP_PAD
+        row_ok = (q_idx < query_len) & (g < QUERIES_PER_KV)
+        head = kv_head * QUERIES_PER_KV + g
+        x = tl.arange(0, DP)  # padded-planar lane
+        xj = x % CC_PAD
+        x_ok = xj < CC
+        chan = (x // CC_PAD) * CC + xj  # its channel
+        jb = tl.arange(0, CC_PAD)  # byte within a token's codes
+        jb_ok = jb < CC
+        shifts = tl.arange(0, P) * BITS
+
+        tok = (q_start + q_idx).to(tl.int64)
+        qd_ok = row_ok[:, None] & x_ok[None, :]
+        q = tl.load(q_ptr + tok[:, None] * stride_q_tok + head[:, None] * stride_q_head
+                    + chan[None, :], mask=qd_ok, other=0.0)  # [BLOCK_M, DP]
+        q_pos = context_len + q_idx
+
+        first_pos = context_len + local_tile * BLOCK_Q
+        last_pos = tl.minimum(first_pos + BLOCK_Q, seq_len) - 1
+        n_tiles = last_pos // TILE_N + 1
+        per_split = tl.cdiv(n_tiles, NUM_SPLITS)
+        t_first = split * per_split
+        t_last = tl.minimum(t_first + per_split, n_tiles)
+        lo_tile = 0
+        if SPARSE:
+            # Lowest key the window / local terms let first_pos read.
+            lo_key = first_pos
+            if WINDOW > 0:
+                lo_key = tl.minimum(lo_key, first_pos - (WINDOW - 1))
+            if LOCAL_BLOCKS > 0:
+                lo_key = tl.minimum(lo_key, (first_pos // PBLOCK - (LOCAL_BLOCKS - 1)) * PBLOCK)
+            lo_tile = tl.maximum(lo_key, 0) // TILE_N
+
+        # Open residual segment: positions e .. seq_len - 1.
+        e = seq_len // RESIDUAL * RESIDUAL
+        res_entry = e // BLOCK_SIZE + 1
+        bt_row = block_table_ptr + req.to(tl.int64) * stride_bt
+        head_off = kv_head.to(tl.int64) * stride_pg_head
+        res_head_off = kv_head.to(tl.int64) * stride_res_head
+
+        m_i = tl.full([BLOCK_M], -1.0e30, dtype=tl.float32)
+        l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+        acc = tl.zeros([BLOCK_M, DP], dtype=tl.float32)
+        offs_n = tl.arange(0, TILE_N)
+        tt = t_first
+        while tt < t_last:
+            if SPARSE:
+                # Below the local span only sink and vertical-stride tiles
+                # count: jump to the next one (or to lo_tile).
+                skip = (tt < lo_tile) & (tt * TILE_N >= SINK)
+                if VERT_STRIDE > 0:
+                    blk = tt * TILE_N // PBLOCK
+                    blk = blk + (VERT_STRIDE - 1) - blk % VERT_STRIDE  # next (blk + 1) % S == 0
+                    nxt = tl.minimum(tl.maximum(tt, blk * PBLOCK // TILE_N), lo_tile)
+                else:
+                    nxt = lo_tile
+                tt = tl.where(skip, nxt, tt)
+            if tt < t_last:
+                pos0 = tt * TILE_N
+                pos = pos0 + offs_n  # [TILE_N]
+                row = pos0 % BLOCK_SIZE + offs_n  # row within the page
+                valid = pos < seq_len
+                quant = pos < e  # keys quantized in the page
+                page = tl.load(bt_row + pos0 // BLOCK_SIZE).to(tl.int64)
+                base = pages_ptr + page * stride_pg_blk + head_off
+
+                # ---- keys: unpack planes, per-channel scale / min of the group
+                kb = tl.load(base + row[:, None] * CC + jb[None, :],
+                             mask=quant[:, None] & jb_ok[None, :], other=0).to(tl.int32)
+                kc = tl.reshape((kb[:, None, :] >> shifts[None, :, None]) & CODE_MASK,
+                                [TILE_N, DP]).to(tl.float32)
+                ks_ptr = (base + K_SCALE_OFF).to(tl.pointer_type(tl.float16))
+                if GROUP % TILE_N == 0:  # the tile lies in one group
+                    gofs = (pos0 % BLOCK_SIZE) // GROUP * (2 * HEAD_SIZE)
+                    kq = (pos0 + 0 * chan) < e  # [DP]: the interpreter rejects scalar masks
+                    ksc = tl.load(ks_ptr + gofs + chan, mask=x_ok & kq, other=0.0).to(tl.float32)
+                    kmn = tl.load(ks_ptr + gofs + HEAD_SIZE + chan, mask=x_ok & kq,
+                                  other=0.0).to(tl.float32)
+                    k = kc * ksc[None, :] + kmn[None, :]
+                else:
+                    gofs = (row // GROUP * (2 * HEAD_SIZE))[:, None] + chan[None, :]
+                    kmask = quant[:, None] & x_ok[None, :]
+                    ksc = tl.load(ks_ptr + gofs, mask=kmask, other=0.0).to(tl.float32)
+                    kmn = tl.load(ks_ptr + gofs + HEAD_SIZE, mask=kmask, other=0.0).to(tl.float32)
+                    k = kc * ksc + kmn
+                k = tl.where(quant[:, None], k, 0.0)
+                if (pos0 + TILE_N > e) & (pos0 < seq_len):  # residual keys, model dtype
+                    is_res = (pos >= e) & valid
+                    i = tl.where(is_res, pos - e, 0)
+                    rpage = tl.load(bt_row + res_entry + i // TPP, mask=is_res, other=0).to(tl.int64)
+                    rk = tl.load(
+                        res_ptr + rpage[:, None] * stride_res_blk + res_head_off
+                        + ((i % TPP) * HEAD_SIZE)[:, None] + chan[None, :],
+                        mask=is_res[:, None] & x_ok[None, :], other=0.0,
+                    ).to(tl.float32)
+                    k = tl.where(is_res[:, None], rk, k)
+
+                if USE_DOT:
+                    if FP32_DOT:
+                        s = tl.dot(q.to(tl.float32), tl.trans(k), input_precision="ieee")
+                    else:
+                        s = tl.dot(q, tl.trans(k).to(q.dtype))
+                else:
+                    s = tl.sum(q.to(tl.float32)[:, None, :] * k[None, :, :], axis=2)
+                s = s * scale  # [BLOCK_M, TILE_N]
+
+                kp = pos[None, :]
+                qp = q_pos[:, None]
+                if SPARSE:
+                    visible = kp < SINK
+                    if WINDOW > 0:
+                        visible = visible | (qp - kp < WINDOW)
+                    if LOCAL_BLOCKS > 0:
+                        visible = visible | (qp // PBLOCK - kp // PBLOCK < LOCAL_BLOCKS)
+                    if VERT_STRIDE > 0:
+                        visible = visible | ((kp // PBLOCK + 1) % VERT_STRIDE == 0)
+                    visible = visible & (kp <= qp)
+                else:
+                    visible = kp <= qp
+                visible = visible & row_ok[:, None] & valid[None, :]
+
+                s = tl.where(visible, s, -1.0e30)
+                m_new = tl.maximum(m_i, tl.max(s, axis=1))
+                alpha = tl.exp(m_i - m_new)
+                p = tl.where(visible, tl.exp(s - m_new[:, None]), 0.0)
+                l_i = l_i * alpha + tl.sum(p, axis=1)
+
+                # ---- values: per-token scale / min folded into p
+                vb = tl.load(base + V_CODES_OFF + row[:, None] * CC + jb[None, :],
+                             mask=valid[:, None] & jb_ok[None, :], other=0).to(tl.int32)
+                vc = tl.reshape((vb[:, None, :] >> shifts[None, :, None]) & CODE_MASK, [TILE_N, DP])
+                vs_ptr = (base + V_SCALE_OFF).to(tl.pointer_type(tl.float16))
+                vsc = tl.load(vs_ptr + row * 2, mask=valid, other=0.0).to(tl.float32)
+                vmn = tl.load(vs_ptr + row * 2 + 1, mask=valid, other=0.0).to(tl.float32)
+                ps = p * vsc[None, :]
+                if USE_DOT:
+                    if FP32_DOT:
+                        pv = tl.dot(ps, vc.to(tl.float32), input_precision="ieee")
+                    else:  # codes are exact in bf16 (<= 255)
+                        pv = tl.dot(ps.to(tl.bfloat16), vc.to(tl.bfloat16))
+                else:
+                    pv = tl.sum(ps[:, :, None] * vc.to(tl.float32)[None, :, :], axis=1)
+                pv = pv + tl.sum(p * vmn[None, :], axis=1)[:, None]
+                acc = acc * alpha[:, None] + pv
+                m_i = m_new
+            tt += 1
+
+        if NUM_SPLITS == 1:
+            l_safe = tl.where(l_i > 0, l_i, 1.0)
+            o = acc / l_safe[:, None]
+            tl.store(out_ptr + tok[:, None] * stride_o_tok + head[:, None] * stride_o_head
+                     + chan[None, :], o.to(out_ptr.dtype.element_ty), mask=qd_ok)
+        else:
+            part = (tok * num_heads + head) * NUM_SPLITS + split  # [BLOCK_M]
+            tl.store(m_part_ptr + part, m_i, mask=row_ok)
+            tl.store(l_part_ptr + part, l_i, mask=row_ok)
+            tl.store(acc_part_ptr + part[:, None] * DP + x[None, :], acc, mask=row_ok[:, None])
+
+
+def _merge_kernel(
+    out_ptr,  # [num_tokens, num_heads, head_size]
+    m_part_ptr, l_part_ptr, acc_part_ptr,  # see _kivi_attn_kernel
+    query_start_loc_ptr,
+    num_reqs,
+    num_heads,
+    stride_o_tok, stride_o_head,
+    CC: tl.constexpr,
+    CC_PAD: tl.constexpr,
+    DP: tl.constexpr,
+    NUM_SPLITS: tl.constexpr,
+):
+    tok = tl.program_id(0)
+    head = tl.program_id(1)
+    if tok < tl.load(query_start_loc_ptr + num_reqs):  # padding rows get no output
+        sp = tl.arange(0, NUM_SPLITS)
+        x = tl.arange(0, DP)
+        xj = x % CC_PAD
+        chan = (x // CC_PAD) * CC + xj
+        base = (tok.to(tl.int64) * num_heads + head) * NUM_SPLITS
+        m = tl.load(m_part_ptr + base + sp)
+        l = tl.load(l_part_ptr + base + sp)
+        acc = tl.load(acc_part_ptr + (base + sp)[:, None] * DP + x[None, :])
+        m_max = tl.max(m, axis=0)
+        w = tl.exp(m - m_max)  # empty splits: m = -1e30, l = 0 -> weight 0
+        l_tot = tl.sum(l * w, axis=0)
+        o = tl.sum(acc * w[:, None], axis=0) / tl.where(l_tot > 0, l_tot, 1.0)
+        tl.store(out_ptr + tok.to(tl.int64) * stride_o_tok + head * stride_o_head + chan,
+                 o.to(out_ptr.dtype.element_ty), mask=xj < CC)
+
+
+def _tile_n(block_size: int, tile_n: int | None) -> int:
+    if tile_n is None:
+        tile_n = min(block_size, 64)
+    if block_size % tile_n or tile_n & (tile_n - 1):
+        raise ValueError(f"tile_n {tile_n} must be a power of two dividing the block size {block_size}")
+    return tile_n
+
+
+def _check(layout: KiviLayout, kv_cache: torch.Tensor, num_heads: int, num_kv_heads: int) -> None:
+    why = layout.check()
+    if why:
+        raise ValueError(why)
+    if layout.block_size & (layout.block_size - 1):
+        raise ValueError(f"block size {layout.block_size} must be a power of two")
+    if num_heads % num_kv_heads:
+        raise ValueError(f"{num_heads} query heads are not a multiple of {num_kv_heads} KV heads")
+
+
+def default_num_splits(num_reqs: int, num_kv_heads: int, device: torch.device) -> int:
+    """Split-KV factor for decode: about two programs per SM."""
+    if device.type != "cuda":
+        return 1
+    sms = torch.cuda.get_device_properties(device).multi_processor_count
+    want = -(-2 * sms // max(1, num_reqs * num_kv_heads))
+    return max(1, min(32, _triton.next_pow2(want)))
+
+
+def kivi_paged_attention(
+    layout: KiviLayout,
+    kv_cache: torch.Tensor,  # [num_blocks, H_kv, block_size, C] model dtype
+    query: torch.Tensor,  # [num_tokens, H_q, D]
+    block_table: torch.Tensor,  # [num_reqs, width]
+    query_start_loc: torch.Tensor,  # [num_reqs + 1] (device)
+    seq_lens: torch.Tensor,  # [num_reqs] (device)
+    scale: float,
+    out: torch.Tensor,  # [num_tokens, H_q, D]
+    pattern: SparsePattern | None = None,
+    *,
+    max_query_len: int | None = None,
+    num_splits: int | None = None,
+    block_q: int | None = None,
+    tile_n: int | None = None,
+) -> torch.Tensor:
+    """Every request's queries over its packed KIVI pages (written first, as
+    ``kernels.kivi.attention`` expects); equals that function up to float
+    rounding. ``max_query_len`` (host int; computed with one sync if None)
+    picks decode tiling and split-KV (``num_splits``, a power of two)."""
+    num_tokens, num_heads, head_size = query.shape
+    num_reqs = seq_lens.shape[0]
+    num_kv_heads = kv_cache.shape[1]
+    _check(layout, kv_cache, num_heads, num_kv_heads)
+    if head_size != layout.head_size:
+        raise ValueError(f"query head size {head_size} != layout head size {layout.head_size}")
+    pages = layout.pages(kv_cache)
+    if num_reqs == 0 or num_tokens == 0:
+        return out
+    if max_query_len is None:
+        max_query_len = int((query_start_loc[1:] - query_start_loc[:-1]).max())
+    group = num_heads // num_kv_heads
+    group_pad = _triton.next_pow2(group)
+    if block_q is None:
+        block_q = 1 if max_query_len == 1 else max(1, 64 // group_pad)
+    block_m = max(16, _triton.next_pow2(block_q) * group_pad)
+    block_q = block_m // group_pad
+    if num_splits is None:
+        num_splits = default_num_splits(num_reqs, num_kv_heads, query.device) if max_query_len == 1 else 1
+    if num_splits < 1 or num_splits & (num_splits - 1):
+        raise ValueError(f"num_splits: expected a power of two >= 1, got {num_splits}")
+    tn = _tile_n(layout.block_size, tile_n)
+    cc = layout.code_cols
+    cc_pad = _triton.next_pow2(cc)
+    dp = layout.per_byte * cc_pad
+
+    q_lens = query_start_loc[1:] - query_start_loc[:-1]
+    cu_qtiles = torch.zeros(num_reqs + 1, dtype=torch.int32, device=query.device)
+    torch.cumsum((q_lens + block_q - 1) // block_q, 0, out=cu_qtiles[1:])
+    grid = (min(num_tokens, max_query_len * num_reqs) // block_q + num_reqs, num_kv_heads, num_splits)
+    if num_splits > 1:
+        m = torch.empty(num_tokens, num_heads, num_splits, dtype=torch.float32, device=query.device)
+        l = torch.empty_like(m)
+        acc = torch.empty(num_tokens, num_heads, num_splits, dp, dtype=torch.float32, device=query.device)
+    else:
+        m = l = acc = out  # unused
+    interp = _triton.interpreting()
+    use_dot = block_m >= 16 and dp >= 16 and tn >= 16
+    sp = pattern or SparsePattern(window=1)
+    kernel = _triton.jit(_kivi_attn_kernel)
+    kernel[grid](
+        out, m, l, acc, query, pages, kv_cache, block_table, query_start_loc, seq_lens, cu_qtiles,
+        num_reqs, num_heads, float(scale),
+        query.stride(0), query.stride(1),
+        out.stride(0), out.stride(1),
+        pages.stride(0), pages.stride(1),
+        kv_cache.stride(0), kv_cache.stride(1),
+        block_table.stride(0),
+        SPARSE=pattern is not None,
+        SINK=sp.sink, WINDOW=sp.window, PBLOCK=max(1, sp.block),
+        LOCAL_BLOCKS=sp.local_blocks, VERT_STRIDE=sp.vert_stride,
+        QUERIES_PER_KV=group, GROUP_PAD=group_pad, HEAD_SIZE=head_size,
+        BITS=layout.bits, CC=cc, CC_PAD=cc_pad,
+        BLOCK_SIZE=layout.block_size, GROUP=layout.group, RESIDUAL=layout.residual,
+        TPP=layout.residual_tokens_per_page,
+        V_CODES_OFF=layout.v_codes_off, V_SCALE_OFF=layout.v_scale_off, K_SCALE_OFF=layout.k_scale_off,
+        TILE_N=tn, BLOCK_Q=block_q, BLOCK_M=block_m, NUM_SPLITS=num_splits,
+        USE_DOT=use_dot,
+        # Triton's interpreter computes bf16 tl.dot wrongly (see sparse_prefill)
+        FP32_DOT=query.dtype == torch.float32 or interp,
+    )
+    if num_splits > 1:
+        merge = _triton.jit(_merge_kernel)
+        merge[(num_tokens, num_heads)](
+            out, m, l, acc, query_start_loc, num_reqs, num_heads,
+            out.stride(0), out.stride(1),
+            CC=cc, CC_PAD=cc_pad, DP=dp, NUM_SPLITS=num_splits,
+        )
+    return out
+
+
+# ----------------------------------------------------------------------- write
+
+
+def _kivi_write_kernel(
+    pages_ptr,  # [num_blocks, H, page_bytes] uint8
+    res_ptr,  # the same cache in the model dtype (residual keys)
+    key_ptr,  # [num_tokens, H, D]
+    value_ptr,  # [num_tokens, H, D]
+    old_ptr,  # [n_old, H, D] old residual keys (model dtype)
+    rows_ptr, slots_ptr,  # [n_rows] values to write
+    seg_src_ptr,  # [n_seg, RESIDUAL] rows of cat(key, old)
+    seg_block_ptr, seg_row_ptr,  # [n_seg]
+    res_rows_ptr, res_page_ptr, res_row_ptr,  # [n_res]
+    n_rows,
+    n_seg_groups,
+    n_tok,
+    stride_k_tok, stride_k_head,
+    stride_v_tok, stride_v_head,
+    stride_old_tok, stride_old_head,
+    stride_pg_blk, stride_pg_head,
+    stride_res_blk, stride_res_head,
+    HEAD_SIZE: tl.constexpr,
+    BITS: tl.constexpr,
+    CC: tl.constexpr,
+    CC_PAD: tl.constexpr,
+    BLOCK_SIZE: tl.constexpr,
+    GROUP: tl.constexpr,
+    G_PAD: tl.constexpr,
+    RESIDUAL: tl.constexpr,
+    V_CODES_OFF: tl.constexpr,
+    V_SCALE_OFF: tl.constexpr,
+    K_SCALE_OFF: tl.constexpr,
+):
+    P: tl.constexpr = 8 // BITS
+    DP: tl.constexpr = P * CC_PAD
+    QMAX: tl.constexpr = (1 << BITS) - 1
+    GPS: tl.constexpr = RESIDUAL // GROUP  # groups per segment
+
+    item = tl.program_id(0)
+    h = tl.program_id(1)
+    x = tl.arange(0, DP)
+    xj = x % CC_PAD
+    x_ok = xj < CC
+    chan = (x // CC_PAD) * CC + xj
+    jb = tl.arange(0, CC_PAD)
+    jb_ok = jb < CC
+    shifts = tl.arange(0, P) * BITS
+    res_dt = res_ptr.dtype.element_ty
+    if item < n_rows:
+        # ---- one token's value: per-token quantize over the head
+        r = tl.load(rows_ptr + item).to(tl.int64)
+        slot = tl.load(slots_ptr + item).to(tl.int64)
+        v = tl.load(value_ptr + r * stride_v_tok + h * stride_v_head + chan,
+                    mask=x_ok, other=0.0).to(tl.float32)
+        mn = tl.min(tl.where(x_ok, v, float("inf")), axis=0)
+        mx = tl.max(tl.where(x_ok, v, float("-inf")), axis=0)
+        mn16 = mn.to(tl.float16)
+        sc16 = tl.math.div_rn(mx - mn16.to(tl.float32), QMAX * 1.0).to(tl.float16)
+        sc = sc16.to(tl.float32)
+        safe = tl.where(sc > 0, sc, 1.0)
+        y = tl.math.div_rn(v - mn16.to(tl.float32), safe + tl.zeros_like(v))
+        f = tl.floor(y)
+        d = y - f
+        rh = tl.where(d > 0.5, f + 1.0, tl.where(d < 0.5, f, f + (f - 2.0 * tl.floor(f * 0.5))))
+        code = tl.minimum(tl.maximum(rh, 0.0), QMAX * 1.0).to(tl.int32)
+        code = tl.where(x_ok, code, 0)
+        packed = tl.sum(tl.reshape(code, [P, CC_PAD]) << shifts[:, None], axis=0)  # [CC_PAD]
+        blk = slot // BLOCK_SIZE
+        off = slot % BLOCK_SIZE
+        base = pages_ptr + blk * stride_pg_blk + h * stride_pg_head
+        tl.store(base + V_CODES_OFF + off * CC + jb, packed.to(tl.uint8), mask=jb_ok)
+        vs_ptr = (base + V_SCALE_OFF).to(tl.pointer_type(tl.float16))
+        tl.store(vs_ptr + off * 2, sc16)
+        tl.store(vs_ptr + off * 2 + 1, mn16)
+    elif item < n_rows + n_seg_groups:
+        # ---- one group of a completed key segment: per-channel quantize
+        sg = item - n_rows
+        n = sg // GPS
+        kg = sg % GPS
+        t = tl.arange(0, G_PAD)
+        t_ok = t < GROUP
+        src = tl.load(seg_src_ptr + n * RESIDUAL + kg * GROUP + t, mask=t_ok, other=0).to(tl.int64)
+        new = src < n_tok
+        ld = t_ok[:, None] & x_ok[None, :]
+        xk_new = tl.load(key_ptr + src[:, None] * stride_k_tok + h * stride_k_head + chan[None, :],
+                         mask=ld & new[:, None], other=0.0).to(res_dt).to(tl.float32)
+        old = tl.where(new, 0, src - n_tok)
+        xk_old = tl.load(old_ptr + old[:, None] * stride_old_tok + h * stride_old_head + chan[None, :],
+                         mask=ld & (~new)[:, None], other=0.0).to(tl.float32)
+        xk = tl.where(new[:, None], xk_new, xk_old)  # [G_PAD, DP]
+        mn = tl.min(tl.where(ld, xk, float("inf")), axis=0)  # [DP]
+        mx = tl.max(tl.where(ld, xk, float("-inf")), axis=0)
+        mn16 = tl.where(x_ok, mn, 0.0).to(tl.float16)
+        sc16 = tl.math.div_rn(tl.where(x_ok, mx, 0.0) - mn16.to(tl.float32),
+                              QMAX * 1.0 + tl.zeros_like(mn)).to(tl.float16)
+        sc = sc16.to(tl.float32)
+        safe = tl.where(sc > 0, sc, 1.0)
+        y = tl.math.div_rn(xk - mn16.to(tl.float32)[None, :], safe[None, :] + tl.zeros_like(xk))
+        f = tl.floor(y)
+        d = y - f
+        rh = tl.where(d > 0.5, f + 1.0, tl.where(d < 0.5, f, f + (f - 2.0 * tl.floor(f * 0.5))))
+        code = tl.minimum(tl.maximum(rh, 0.0), QMAX * 1.0).to(tl.int32)
+        code = tl.where(ld, code, 0)
+        packed = tl.sum(tl.reshape(code, [G_PAD, P, CC_PAD]) << shifts[None, :, None], axis=1)
+        blk = tl.load(seg_block_ptr + n).to(tl.int64)
+        row0 = tl.load(seg_row_ptr + n).to(tl.int64) + kg * GROUP
+        base = pages_ptr + blk * stride_pg_blk + h * stride_pg_head
+        tl.store(base + (row0 + t)[:, None] * CC + jb[None, :], packed.to(tl.uint8),
+                 mask=t_ok[:, None] & jb_ok[None, :])
+        ks_ptr = (base + K_SCALE_OFF).to(tl.pointer_type(tl.float16)) + row0 // GROUP * (2 * HEAD_SIZE)
+        tl.store(ks_ptr + chan, sc16, mask=x_ok)
+        tl.store(ks_ptr + HEAD_SIZE + chan, mn16, mask=x_ok)
+    else:
+        # ---- a key of an open segment -> its residual page row
+        i = item - n_rows - n_seg_groups
+        r = tl.load(res_rows_ptr + i).to(tl.int64)
+        page = tl.load(res_page_ptr + i).to(tl.int64)
+        rr = tl.load(res_row_ptr + i).to(tl.int64)
+        kv = tl.load(key_ptr + r * stride_k_tok + h * stride_k_head + chan, mask=x_ok, other=0.0)
+        tl.store(res_ptr + page * stride_res_blk + h * stride_res_head + rr * HEAD_SIZE + chan,
+                 kv.to(res_dt), mask=x_ok)
+
+
+def kivi_write(
+    layout: KiviLayout,
+    kv_cache: torch.Tensor,  # [num_blocks, H, block_size, C] model dtype
+    plan: WritePlan,
+    key: torch.Tensor,  # [num_tokens, H, D]
+    value: torch.Tensor,  # [num_tokens, H, D]
+) -> None:
+    """``kernels.kivi.write`` in one Triton launch; bit-identical pages."""
+    why = layout.check()
+    if why:
+        raise ValueError(why)
+    n_tok, H, D = key.shape
+    if D != layout.head_size:
+        raise ValueError(f"key head size {D} != layout head size {layout.head_size}")
+    pages = layout.pages(kv_cache)
+    n_rows = plan.rows.numel()
+    n_seg = plan.seg_src.shape[0]
+    n_res = plan.res_rows.numel()
+    if n_seg and plan.old_page.numel():
+        # before anything is written: these pages may be the blocks this step fills
+        res_view = layout.views(kv_cache).residual
+        old = res_view[plan.old_page, :, plan.old_row]  # [n_old, H, D]
+    else:
+        old = key.new_empty((1, H, D), dtype=kv_cache.dtype)
+    n_seg_groups = n_seg * (layout.residual // layout.group)
+    n_items = n_rows + n_seg_groups + n_res
+    if n_items == 0:
+        return
+    cc = layout.code_cols
+    cc_pad = _triton.next_pow2(cc)
+    kernel = _triton.jit(_kivi_write_kernel)
+    kernel[(n_items, H)](
+        pages, kv_cache, key, value, old,
+        plan.rows, plan.slots, plan.seg_src, plan.seg_block, plan.seg_row,
+        plan.res_rows, plan.res_page, plan.res_row,
+        n_rows, n_seg_groups, n_tok,
+        key.stride(0), key.stride(1),
+        value.stride(0), value.stride(1),
+        old.stride(0), old.stride(1),
+        pages.stride(0), pages.stride(1),
+        kv_cache.stride(0), kv_cache.stride(1),
+        HEAD_SIZE=D, BITS=layout.bits, CC=cc, CC_PAD=cc_pad,
+        BLOCK_SIZE=layout.block_size, GROUP=layout.group, G_PAD=_triton.next_pow2(layout.group),
+        RESIDUAL=layout.residual,
+        V_CODES_OFF=layout.v_codes_off, V_SCALE_OFF=layout.v_scale_off, K_SCALE_OFF=layout.k_scale_off,
+    )
