@@ -132,7 +132,7 @@ def main() -> int:
             base = {"block_size": bs, "context": ctx, "kind": "bf16", "time_us": t * 1e6,
                     "bytes": nbytes, "gbps": nbytes / t / 1e9, "max_abs_err": err}
             rows.append(base)
-            del kc, vc
+            kc = vc = None  # free before the next size
 
             # ---------------------------------------------------- KIVI
             for bits in args.bits:
@@ -176,7 +176,7 @@ def main() -> int:
                              "bytes": nbytes, "gbps": nbytes / t / 1e9, "max_abs_err": err,
                              "speedup_vs_bf16": base["time_us"] / (t * 1e6),
                              "bytes_ratio_vs_bf16": base["bytes"] / nbytes})
-                del cache, pages, views
+                cache = pages = views = None  # free before the next size
             if dev.type == "cuda":
                 torch.cuda.empty_cache()
 
