@@ -25,6 +25,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 
 from vllm_adaptive.formats.kivi import SCALE_DTYPE, KiviLayout, KiviViews
 from vllm_adaptive.kernels.batch import requests
@@ -64,6 +65,19 @@ def lut(bits: int, device) -> torch.Tensor:
         planes = [((byte >> (s * bits)) & ((1 << bits) - 1)) for s in range(p)]
         _LUT[key] = torch.stack(planes, dim=-1).float().to(device)
     return _LUT[key]
+
+
+def _planes(packed: torch.Tensor, bits: int) -> list[torch.Tensor]:
+    """The float32 codes of each bit plane: plane s = channels s*cc .. (s+1)*cc-1."""
+    if bits == 8:
+        return [packed.float()]
+    mask = (1 << bits) - 1
+    return [((packed >> (s * bits)) & mask if s else packed & mask).float() for s in range(8 // bits)]
+
+
+def unpack_planes(packed: torch.Tensor, bits: int) -> torch.Tensor:
+    """``[..., D / p]`` bytes -> ``[..., D]`` float32 codes, channel order."""
+    return torch.cat(_planes(packed, bits), dim=-1)
 
 
 def planar_order(head_size: int, bits: int) -> torch.Tensor:
@@ -261,43 +275,63 @@ def attend_request(
     Hk = views.k_codes.shape[1]
     grp = Hq // Hk
     nb = phys.numel()
-    tab = lut(bits, q.device)
-    order = planar_order(D, bits).to(q.device)
-    # keys: codes -> [Hk, nb, bs, D'] float (planar order) via one gather
-    kc = tab[views.k_codes[phys].long()]  # [nb, Hk, bs, cc, p]
-    kc = kc.reshape(nb, Hk, bs // G, G, D).permute(1, 0, 2, 3, 4)  # [Hk, nb, ng, G, D']
-    ks = views.k_scale[phys].float()[..., order]  # [nb, Hk, ng, 2, D'] planar order
-    ks = ks.permute(1, 0, 2, 3, 4)  # [Hk, nb, ng, 2, D']
-    qf = q.float().reshape(Hk, grp * Q, D)[..., order]  # [Hk, gQ, D']
-    qs = qf[:, None, None] * ks[:, :, :, None, 0]  # [Hk, nb, ng, gQ, D']
-    scores = torch.matmul(qs, kc.transpose(-1, -2))  # [Hk, nb, ng, gQ, G]
-    scores = scores + (qf[:, None, None] * ks[:, :, :, None, 1]).sum(-1, keepdim=True)
-    scores = scores.permute(0, 3, 1, 2, 4).reshape(Hk, grp * Q, nb * bs)
+    ng, cc = bs // G, layout.code_cols
+    # Planar packing: bit-plane s of the gathered bytes holds channels
+    # s*cc .. (s+1)*cc-1, so each plane is one matmul on a channel slice and
+    # nothing is interleaved (bit ops on uint8, then one float conversion).
+    kb = views.k_codes[phys]  # [nb, Hk, bs, cc] uint8
+    ks = views.k_scale[phys].float()  # [nb, Hk, ng, 2, D]
+    qf = q.float().reshape(Hk, grp * Q, D)  # [Hk, gQ, D]
     kpos = (blocks[:, None] * bs + torch.arange(bs, device=q.device)[None, :]).reshape(-1)
+    qpos = torch.arange(q_end - Q, q_end, device=q.device)
+    vis = (kpos[None, :] <= qpos[:, None]) & (kpos < seq_len)[None, :]
+    if pattern is not None:
+        vis = vis & pattern.visible(qpos[:, None], kpos[None, :])
     e, res = _residual_keys(layout, views, table_row, seq_len)
+    if grp * Q * ng > G:
+        # Many queries (a prefill tile): dequantize the keys and values of
+        # these blocks only (this request's pattern, up to the tile's end)
+        # and run torch's fused SDPA, which beats scores-by-hand on CPU.
+        k = unpack_planes(kb, bits).reshape(nb, Hk, ng, G, D)
+        k = k.mul_(ks[:, :, :, None, 0]).add_(ks[:, :, :, None, 1])
+        k = k.reshape(nb, Hk, bs, D).transpose(0, 1).reshape(Hk, nb * bs, D)
+        if res is not None:
+            idx = torch.nonzero((kpos >= e) & (kpos < seq_len)).flatten()
+            k[:, idx] = res.float()[:, kpos[idx] - e]
+        vs = views.v_scale[phys].float()  # [nb, Hk, bs, 2]
+        v = unpack_planes(views.v_codes[phys], bits).mul_(vs[..., 0:1]).add_(vs[..., 1:2])
+        v = torch.where((kpos < seq_len).reshape(nb, 1, bs, 1), v, 0.0)  # stale slots: no NaN
+        v = v.transpose(0, 1).reshape(Hk, nb * bs, D)
+        k = torch.where((kpos < seq_len)[None, :, None], k, 0.0)
+        out = F.scaled_dot_product_attention(
+            q.float(), k, v, attn_mask=vis, scale=scale, enable_gqa=grp > 1
+        )
+        return out
+    else:
+        # few queries (decode): the per-channel scales fold into the query
+        qs = qf[None, :, None] * ks[:, :, :, None, 0]  # [nb, Hk, ng, gQ, D]
+        scores = (qf[None, :, None] * ks[:, :, :, None, 1]).sum(-1, keepdim=True)  # [nb, Hk, ng, gQ, 1]
+        for s_, plane in enumerate(_planes(kb, bits)):
+            kc = plane.reshape(nb, Hk, ng, G, cc)
+            scores = scores + torch.matmul(qs[..., s_ * cc:(s_ + 1) * cc], kc.transpose(-1, -2))
+        scores = scores.permute(1, 3, 0, 2, 4).reshape(Hk, grp * Q, nb * bs)
     if res is not None:
         # the open segment's positions e .. seq_len-1 take full-precision keys
         sel = (kpos >= e) & (kpos < seq_len)
         idx = torch.nonzero(sel).flatten()
         rs = torch.matmul(q.float().reshape(Hk, grp * Q, D), res.float().transpose(-1, -2))
         scores[:, :, idx] = rs[:, :, kpos[idx] - e]
-    qpos = torch.arange(q_end - Q, q_end, device=q.device)
-    vis = kpos[None, :] <= qpos[:, None]
-    if pattern is not None:
-        vis = vis & pattern.visible(qpos[:, None], kpos[None, :])
     # where(), not an additive bias: slots past the request's tokens hold
     # stale bytes, whose float16 scales may be inf or NaN
     scores = torch.where(vis, scores.reshape(Hk, grp, Q, -1) * scale, float("-inf"))
     probs = torch.softmax(scores, dim=-1).reshape(Hk, grp * Q, nb * bs)
-    # values: out = (p * s_t) @ codes + p @ m_t
+    # values: out = (p * s_t) @ codes + p @ m_t, one matmul per block
     vs = views.v_scale[phys].float().permute(1, 0, 2, 3).reshape(Hk, nb * bs, 2)
     vs = torch.where((kpos < seq_len)[None, :, None], vs, 0.0)
-    vc = tab[views.v_codes[phys].long()].reshape(nb, Hk, bs, D).permute(1, 0, 2, 3).reshape(Hk, nb * bs, D)
-    out = torch.matmul(probs * vs[:, None, :, 0], vc)  # [Hk, gQ, D'] planar
-    out = out + torch.matmul(probs, vs[:, :, 1:2])
-    res_out = torch.empty_like(out)
-    res_out[..., order] = out
-    return res_out.reshape(Hq, Q, D)
+    ps = (probs * vs[:, None, :, 0]).reshape(Hk, grp * Q, nb, bs).permute(2, 0, 1, 3)  # [nb, Hk, gQ, bs]
+    out = torch.cat([torch.matmul(ps, plane).sum(0) for plane in _planes(views.v_codes[phys], bits)], -1)
+    out = out + torch.matmul(probs, vs[:, :, 1:2])  # [Hk, gQ, D]
+    return out.reshape(Hq, Q, D)
 
 
 def needed_block_indices(
