@@ -61,3 +61,30 @@ def run_engine(spec: dict, timeout: int = 900) -> dict:
         tail = (proc.stdout + proc.stderr)[-6000:]
         raise AssertionError(f"engine run failed (rc={proc.returncode}) for {spec}:\n{tail}")
     return json.loads(lines[-1][len("RESULT "):])
+
+
+def on_device(fn):
+    """``fn`` run on the GPU when there is one: CPU tensor arguments travel to
+    CUDA and back (in-place results included), so tests written against CPU
+    tensors run the compiled Triton kernels too. Without a GPU, ``fn``."""
+    if not torch.cuda.is_available():
+        return fn
+    import functools
+
+    @functools.wraps(fn)
+    def wrapped(*args, **kwargs):
+        moved = []
+
+        def to_gpu(x):
+            if isinstance(x, torch.Tensor) and x.device.type == "cpu":
+                y = x.cuda()
+                moved.append((x, y))
+                return y
+            return x
+
+        out = fn(*[to_gpu(a) for a in args], **{k: to_gpu(v) for k, v in kwargs.items()})
+        for x, y in moved:
+            x.copy_(y.cpu())
+        return out.cpu() if isinstance(out, torch.Tensor) else out
+
+    return wrapped

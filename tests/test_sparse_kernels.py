@@ -23,6 +23,11 @@ from vllm_adaptive.kernels.sparse_prefill import sparse_prefill
 from vllm_adaptive.pattern import SparsePattern
 
 from paged_cases import paged_case
+from conftest import on_device
+
+# On a GPU host the Triton launchers run compiled on CUDA copies (conftest.on_device)
+sparse_decode = on_device(sparse_decode)
+sparse_prefill = on_device(sparse_prefill)
 
 TOL = {torch.float32: 2e-5, torch.bfloat16: 2e-2}
 SCALE = 0.2

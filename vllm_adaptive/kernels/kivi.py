@@ -5,19 +5,25 @@ Layout and residual rules: ``vllm_adaptive/formats/kivi.py``. Everything here
 is vectorised over tokens, heads and blocks; Python loops run over requests
 only (host-side index plans).
 
-**Attention without a dequantized cache.** For each request the kernel gathers
-only its own (for sparse layers: only the pattern's) blocks' *codes*, and
-turns every packed byte into its ``per_byte`` code values with one table
-lookup (``LUT[bits][byte]``, one gather). Scales never multiply the codes:
+**Attention without a dequantized cache.** For each request (each query tile
+of a prefill) the kernel gathers only its own blocks' bytes (for sparse
+layers, only the pattern's). Planar packing makes bit plane ``s`` the channel
+slice ``s*cc .. (s+1)*cc - 1``, so unpacking is a shift and a mask on uint8
+and never interleaves.
 
-    q . k = sum_c (q_c * s_gc) code_tc + sum_c q_c * m_gc     (keys, per channel)
-    sum_t p_t v_t = sum_t (p_t * s_t) code_t + sum_t p_t * m_t  (values, per token)
+* Decode (few queries): scales never multiply the codes,
 
-so the scales fold into the (small) query and probability tensors and the
-codes go straight into two matmuls. The planar channel order of the codes is
-kept throughout; only ``q`` and the output are permuted (``D`` elements).
+      q . k = sum_c (q_c * s_gc) code_tc + sum_c q_c * m_gc     (keys, per channel)
+      sum_t p_t v_t = sum_t (p_t * s_t) code_t + sum_t p_t * m_t  (values, per token)
+
+  so they fold into the small query and probability tensors and each plane's
+  codes go straight into a matmul.
+* Prefill tiles (many queries): the tile's blocks are dequantized (that
+  request's visible blocks only, not the cache) and torch's fused SDPA runs
+  on them; per-query folding would cost more than the keys themselves.
+
 The residual keys (model dtype) of the request's open segment replace their
-positions' scores.
+positions' keys. (A byte lookup table was 10x slower on CPU than bit ops.)
 """
 
 from __future__ import annotations
@@ -53,20 +59,6 @@ def unpack(packed: torch.Tensor, bits: int) -> torch.Tensor:
     return torch.stack(planes, dim=-2).reshape(*packed.shape[:-1], -1)
 
 
-_LUT: dict[tuple[int, torch.device], torch.Tensor] = {}
-
-
-def lut(bits: int, device) -> torch.Tensor:
-    """``[256, p]`` float32: the codes of every byte value, plane order."""
-    key = (bits, torch.device(device))
-    if key not in _LUT:
-        p = 8 // bits
-        byte = torch.arange(256, dtype=torch.int32)
-        planes = [((byte >> (s * bits)) & ((1 << bits) - 1)) for s in range(p)]
-        _LUT[key] = torch.stack(planes, dim=-1).float().to(device)
-    return _LUT[key]
-
-
 def _planes(packed: torch.Tensor, bits: int) -> list[torch.Tensor]:
     """The float32 codes of each bit plane: plane s = channels s*cc .. (s+1)*cc-1."""
     if bits == 8:
@@ -78,13 +70,6 @@ def _planes(packed: torch.Tensor, bits: int) -> list[torch.Tensor]:
 def unpack_planes(packed: torch.Tensor, bits: int) -> torch.Tensor:
     """``[..., D / p]`` bytes -> ``[..., D]`` float32 codes, channel order."""
     return torch.cat(_planes(packed, bits), dim=-1)
-
-
-def planar_order(head_size: int, bits: int) -> torch.Tensor:
-    """Channel index of each position in LUT order (byte j, plane s) -> j*p + s."""
-    p = 8 // bits
-    cc = head_size // p
-    return (torch.arange(p)[None, :] * cc + torch.arange(cc)[:, None]).reshape(-1)
 
 
 def quantize(x: torch.Tensor, bits: int, dim: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

@@ -413,6 +413,15 @@ def kivi_paged_attention(
         m = l = acc = out  # unused
     interp = _triton.interpreting()
     use_dot = block_m >= 16 and dp >= 16 and tn >= 16
+    if not use_dot and not interp:
+        # The broadcast-and-sum path (tiles under 16 tokens) gives wrong
+        # results compiled on an H200 (decode errors > 1; right under the
+        # interpreter; benchmarks/gpu_debug_kivi.py): refused on GPUs.
+        raise ValueError(
+            f"kivi Triton attention needs key tiles of at least 16 tokens and a head "
+            f"size of at least 16 on a GPU (block size {layout.block_size}, tile {tn}, "
+            f"head size {head_size})"
+        )
     sp = pattern or SparsePattern(window=1)
     kernel = _triton.jit(_kivi_attn_kernel)
     kernel[grid](

@@ -68,6 +68,12 @@ class KiviTriton(KiviTorch):
     path = "triton"
     devices = ("cuda",)
 
+    @classmethod
+    def unsupported(cls, pattern, block_size):
+        if block_size < 16 or block_size & (block_size - 1):
+            return f"block size {block_size}: the kivi Triton kernels need a power of two >= 16"
+        return None
+
     def write(self, key, value, kv_cache, slot_mapping, md=None) -> None:
         from vllm_adaptive.kernels.kivi_triton import kivi_write
 
