@@ -38,7 +38,7 @@ def test_layer_table_lookup():
 @pytest.mark.parametrize(
     "raw,needle",
     [
-        ("longgen-typo", r"adaptive_attention\.preset: expected one of \['full', 'longgen', 'longgen-strided'\], got 'longgen-typo'"),
+        ("longgen-typo", r"adaptive_attention\.preset: expected one of \['full', 'kivi2', 'kivi4', 'kivi8', 'longgen', 'longgen-kivi4', 'longgen-strided'\], got 'longgen-typo'"),
         ({"preset": 3}, r"adaptive_attention\.preset: expected one of"),
         ({"windw": 4}, r"unknown key\(s\) \['windw'\]; allowed keys are"),
         ({"kernels": "cuda"}, r"adaptive_attention\.kernels: expected one of \['auto', 'vllm_cpu', 'torch', 'triton'\], got 'cuda'"),
@@ -59,7 +59,7 @@ def test_layer_table_lookup():
         ({"kernels": {"sink_window": "cuda"}}, r"adaptive_attention\.kernels\.sink_window: expected one of \['auto', 'vllm_cpu', 'torch', 'triton'\], got 'cuda'"),
         ({"kernels": {"sparse": "torch"}}, r"adaptive_attention\.kernels \(a layer kind\): expected one of \['full', 'sink_window', 'strided'\], got 'sparse'"),
         ({"kernels": 3}, r"adaptive_attention\.kernels: expected one of .* or a dict \{layer kind: value\}, got 3"),
-        ({"kv_format": "int4"}, r"adaptive_attention\.kv_format: expected one of \['model_dtype'\], got 'int4'"),
+        ({"kv_format": "int4"}, r"adaptive_attention\.kv_format: expected one of \['model_dtype', 'kivi'\], got 'int4'"),
     ],
 )
 def test_bad_values_name_the_key(raw, needle):
