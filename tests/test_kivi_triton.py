@@ -24,6 +24,8 @@ from vllm_adaptive.kernels import kivi  # noqa: E402
 from vllm_adaptive.kernels import kivi_triton  # noqa: E402
 from vllm_adaptive.pattern import SparsePattern  # noqa: E402
 
+from test_kivi import _reference  # noqa: E402  (attention over the dequantized cache)
+
 # The torch path and the reference run on CPU; the Triton kernels on the GPU
 # when there is one (compiled), else on CPU under the interpreter.
 DEV = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -46,8 +48,7 @@ SINK_WINDOW = SparsePattern(sink=8, window=16, block=8, local_blocks=0, vert_str
 
 class Twin:
     """A multi-request paged KIVI cache driven step by step like vLLM does
-    (test_kivi's ``Paged``, repeated here so that this file needs no
-    hypothesis), in two copies: ``kv_cache`` written by the torch
+    (test_kivi's ``Paged`` in two copies): ``kv_cache`` written by the torch
     ``kivi.write``, ``kv_triton`` by ``kivi_triton.kivi_write``."""
 
     def __init__(self, layout: KiviLayout, lengths, num_kv_heads, dtype, seed=0):
@@ -94,28 +95,6 @@ class Twin:
         kivi.write(self.layout, self.layout.views(self.kv_cache), plan, k[:n_tok], v[:n_tok])
         kivi_triton.kivi_write(self.layout, self.kv_triton, _dev(plan), k[:n_tok].to(DEV), v[:n_tok].to(DEV))
         return qsl_t, lens_t
-
-
-def _reference(paged, query, qsl, lens, scale, pattern):
-    """Attention over the dequantized cache (``kivi.dequantized_kv``), float32."""
-    views = paged.layout.views(paged.kv_cache)
-    out = torch.zeros(query.shape, dtype=torch.float32)
-    for r in range(len(lens)):
-        q0, q1, L = int(qsl[r]), int(qsl[r + 1]), int(lens[r])
-        if q1 == q0:
-            continue
-        k, v = kivi.dequantized_kv(paged.layout, views, paged.block_table[r], L)
-        qpos = torch.arange(L - (q1 - q0), L)
-        kpos = torch.arange(L)
-        vis = kpos[None] <= qpos[:, None]
-        if pattern is not None:
-            vis &= pattern.visible(qpos[:, None], kpos[None])
-        o = torch.nn.functional.scaled_dot_product_attention(
-            query[q0:q1].float().transpose(0, 1), k, v, attn_mask=vis, scale=scale,
-            enable_gqa=True,
-        )
-        out[q0:q1] = o.transpose(0, 1)
-    return out
 
 
 def _bytes_equal(a: torch.Tensor, b: torch.Tensor) -> None:
