@@ -26,8 +26,10 @@ def test_pack_unpack_roundtrip(bits, d, seed):
     packed = kivi.pack(codes, bits)
     assert packed.shape[-1] == d * bits // 8
     assert torch.equal(kivi.unpack(packed, bits), codes)
-    # attention's unpack (float planes) agrees
-    assert torch.equal(kivi.unpack_planes(packed, bits), codes.float())
+    # attention's bit planes are the channel slices
+    p = 8 // bits
+    for s, plane in enumerate(kivi.planes(packed, bits)):
+        assert torch.equal(plane, codes[..., s * d // p : (s + 1) * d // p])
 
 
 @given(bits=st.sampled_from([8, 4, 2]), seed=st.integers(0, 2**16))

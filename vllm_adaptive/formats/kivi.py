@@ -202,11 +202,8 @@ class KiviViews:
 class KiviFormat(KVFormat):
     name = "kivi"
 
-    def layout(self, params: KiviParams, block_size: int, head_size: int, dtype) -> KiviLayout:
-        return KiviLayout.of(params, block_size, head_size, dtype)
-
-    def bytes_per_token(self, num_kv_heads: int, head_size: int, dtype: torch.dtype, params=None, block_size: int = 128) -> int:
-        return self.layout(params or KiviParams(), block_size, head_size, dtype).bytes_per_token(num_kv_heads)
+    # Bytes per token depend on the block size and parameters:
+    # ``KiviLayout.bytes_per_token`` (the base method is not overridden).
 
     def split(self, kv_cache):
         raise TypeError("kivi pages are not K/V arrays; use KiviLayout.views")
@@ -216,6 +213,6 @@ class KiviFormat(KVFormat):
         each request holds (``residual_blocks``, see ``kv/specs.py``)."""
         from vllm_adaptive.kv.specs import with_residual_blocks
 
-        layout = self.layout(params or KiviParams(), spec.block_size, spec.head_size, spec.dtype)
+        layout = KiviLayout.of(params or KiviParams(), spec.block_size, spec.head_size, spec.dtype)
         spec = replace(spec, state_content_bytes=layout.token_bytes)
         return with_residual_blocks(spec, layout.residual_pages)

@@ -51,25 +51,18 @@ def pack(codes: torch.Tensor, bits: int) -> torch.Tensor:
     return out
 
 
+def planes(packed: torch.Tensor, bits: int) -> list[torch.Tensor]:
+    """The uint8 codes of each bit plane of ``[..., D / p]`` packed bytes:
+    plane s holds channels s*cc .. (s+1)*cc - 1 (planar packing)."""
+    if bits == 8:
+        return [packed]
+    mask = (1 << bits) - 1
+    return [(packed >> (s * bits)) & mask if s else packed & mask for s in range(8 // bits)]
+
+
 def unpack(packed: torch.Tensor, bits: int) -> torch.Tensor:
     """Inverse of :func:`pack`: ``[..., D / p]`` -> ``[..., D]`` uint8 codes."""
-    p = 8 // bits
-    mask = (1 << bits) - 1
-    planes = [(packed >> (s * bits)) & mask for s in range(p)]
-    return torch.stack(planes, dim=-2).reshape(*packed.shape[:-1], -1)
-
-
-def _planes(packed: torch.Tensor, bits: int) -> list[torch.Tensor]:
-    """The float32 codes of each bit plane: plane s = channels s*cc .. (s+1)*cc-1."""
-    if bits == 8:
-        return [packed.float()]
-    mask = (1 << bits) - 1
-    return [((packed >> (s * bits)) & mask if s else packed & mask).float() for s in range(8 // bits)]
-
-
-def unpack_planes(packed: torch.Tensor, bits: int) -> torch.Tensor:
-    """``[..., D / p]`` bytes -> ``[..., D]`` float32 codes, channel order."""
-    return torch.cat(_planes(packed, bits), dim=-1)
+    return torch.cat(planes(packed, bits), dim=-1)
 
 
 def quantize(x: torch.Tensor, bits: int, dim: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -277,14 +270,14 @@ def attend_request(
         # Many queries (a prefill tile): dequantize the keys and values of
         # these blocks only (this request's pattern, up to the tile's end)
         # and run torch's fused SDPA, which beats scores-by-hand on CPU.
-        k = unpack_planes(kb, bits).reshape(nb, Hk, ng, G, D)
+        k = unpack(kb, bits).float().reshape(nb, Hk, ng, G, D)
         k = k.mul_(ks[:, :, :, None, 0]).add_(ks[:, :, :, None, 1])
         k = k.reshape(nb, Hk, bs, D).transpose(0, 1).reshape(Hk, nb * bs, D)
         if res is not None:
             idx = torch.nonzero((kpos >= e) & (kpos < seq_len)).flatten()
             k[:, idx] = res.float()[:, kpos[idx] - e]
         vs = views.v_scale[phys].float()  # [nb, Hk, bs, 2]
-        v = unpack_planes(views.v_codes[phys], bits).mul_(vs[..., 0:1]).add_(vs[..., 1:2])
+        v = unpack(views.v_codes[phys], bits).float().mul_(vs[..., 0:1]).add_(vs[..., 1:2])
         v = torch.where((kpos < seq_len).reshape(nb, 1, bs, 1), v, 0.0)  # stale slots: no NaN
         v = v.transpose(0, 1).reshape(Hk, nb * bs, D)
         k = torch.where((kpos < seq_len)[None, :, None], k, 0.0)
@@ -296,8 +289,8 @@ def attend_request(
         # few queries (decode): the per-channel scales fold into the query
         qs = qf[None, :, None] * ks[:, :, :, None, 0]  # [nb, Hk, ng, gQ, D]
         scores = (qf[None, :, None] * ks[:, :, :, None, 1]).sum(-1, keepdim=True)  # [nb, Hk, ng, gQ, 1]
-        for s_, plane in enumerate(_planes(kb, bits)):
-            kc = plane.reshape(nb, Hk, ng, G, cc)
+        for s_, plane in enumerate(planes(kb, bits)):
+            kc = plane.float().reshape(nb, Hk, ng, G, cc)
             scores = scores + torch.matmul(qs[..., s_ * cc:(s_ + 1) * cc], kc.transpose(-1, -2))
         scores = scores.permute(1, 3, 0, 2, 4).reshape(Hk, grp * Q, nb * bs)
     if res is not None:
@@ -314,7 +307,7 @@ def attend_request(
     vs = views.v_scale[phys].float().permute(1, 0, 2, 3).reshape(Hk, nb * bs, 2)
     vs = torch.where((kpos < seq_len)[None, :, None], vs, 0.0)
     ps = (probs * vs[:, None, :, 0]).reshape(Hk, grp * Q, nb, bs).permute(2, 0, 1, 3)  # [nb, Hk, gQ, bs]
-    out = torch.cat([torch.matmul(ps, plane).sum(0) for plane in _planes(views.v_codes[phys], bits)], -1)
+    out = torch.cat([torch.matmul(ps, plane.float()).sum(0) for plane in planes(views.v_codes[phys], bits)], -1)
     out = out + torch.matmul(probs, vs[:, :, 1:2])  # [Hk, gQ, D]
     return out.reshape(Hq, Q, D)
 
