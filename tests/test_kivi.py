@@ -75,7 +75,7 @@ class Paged:
 
     def step(self, chunks: dict[int, int]):
         """Write ``chunks[r]`` new tokens of each request; returns the step's
-        (rows, query_start_loc, seq_lens, slot_mapping)."""
+        (query_start_loc, seq_lens)."""
         bs = self.layout.block_size
         keys, vals, qsl, lens, slots = [], [], [0], [], []
         for r in range(len(self.keys)):
@@ -88,16 +88,20 @@ class Paged:
             qsl.append(qsl[-1] + n)
             lens.append(a + n)
             self.done[r] += n
-        k = torch.cat(keys).to(self.dtype)
-        v = torch.cat(vals).to(self.dtype)
+        n_tok = qsl[-1]
+        # keys / values as strided views of one fused projection, plus padding rows
+        kv = torch.zeros(n_tok + 3, 2, self.h, self.layout.head_size, dtype=self.dtype)
+        kv[:n_tok, 0] = torch.cat(keys).to(self.dtype)
+        kv[:n_tok, 1] = torch.cat(vals).to(self.dtype)
+        k, v = kv[:, 0], kv[:, 1]
         qsl_t, lens_t = torch.tensor(qsl, dtype=torch.int32), torch.tensor(lens, dtype=torch.int32)
         slot_mapping = torch.cat(slots + [torch.full((3,), -1)])  # padding rows
-        k = torch.cat([k, torch.zeros(3, *k.shape[1:], dtype=k.dtype)])
-        v = torch.cat([v, torch.zeros(3, *v.shape[1:], dtype=v.dtype)])
-        n_tok = qsl[-1]
         plan = kivi.plan_write(self.layout, self.block_table, qsl_t, lens_t, slot_mapping, n_tok)
-        kivi.write(self.layout, self.layout.views(self.kv_cache), plan, k[:n_tok], v[:n_tok])
+        self.write(plan, k[:n_tok], v[:n_tok])
         return qsl_t, lens_t
+
+    def write(self, plan: kivi.WritePlan, k: torch.Tensor, v: torch.Tensor) -> None:
+        kivi.write(self.layout, self.layout.views(self.kv_cache), plan, k, v)
 
 
 def _reference(paged, query, qsl, lens, scale, pattern):

@@ -12,7 +12,6 @@ crossing group / residual / block ends, GQA, a sink_window pattern.
 from __future__ import annotations
 
 import dataclasses
-import math
 
 import pytest
 import torch
@@ -24,7 +23,7 @@ from vllm_adaptive.kernels import kivi  # noqa: E402
 from vllm_adaptive.kernels import kivi_triton  # noqa: E402
 from vllm_adaptive.pattern import SparsePattern  # noqa: E402
 
-from test_kivi import _reference  # noqa: E402  (attention over the dequantized cache)
+from test_kivi import Paged, _reference  # noqa: E402  (cache driver, dequantized reference)
 
 # The torch path and the reference run on CPU; the Triton kernels on the GPU
 # when there is one (compiled), else on CPU under the interpreter.
@@ -46,55 +45,17 @@ STEPS = [
 SINK_WINDOW = SparsePattern(sink=8, window=16, block=8, local_blocks=0, vert_stride=0)
 
 
-class Twin:
-    """A multi-request paged KIVI cache driven step by step like vLLM does
-    (test_kivi's ``Paged`` in two copies): ``kv_cache`` written by the torch
+class Twin(Paged):
+    """test_kivi's ``Paged`` in two copies: ``kv_cache`` written by the torch
     ``kivi.write``, ``kv_triton`` by ``kivi_triton.kivi_write``."""
 
     def __init__(self, layout: KiviLayout, lengths, num_kv_heads, dtype, seed=0):
-        self.layout, self.dtype, self.h = layout, dtype, num_kv_heads
-        bs = layout.block_size
-        g = torch.Generator().manual_seed(seed)
-        width = max(math.ceil(n / bs) for n in lengths) + layout.residual_pages
-        nb = 1 + width * len(lengths)
-        ids = 1 + torch.randperm(nb - 1, generator=g)
-        self.block_table = ids[: width * len(lengths)].reshape(len(lengths), width).int()
-        c = layout.token_bytes // layout.itemsize
-        # NaN bytes everywhere: stale slots and unwritten scales are NaN
-        self.kv_cache = torch.full((nb, num_kv_heads, bs, c), float("nan"), dtype=dtype)
-        d = layout.head_size
-        self.keys = [torch.randn(n, num_kv_heads, d, generator=g) * 2 for n in lengths]
-        for k in self.keys:  # an outlier channel, as real keys have
-            k[..., 3] += 8.0
-        self.values = [torch.randn(n, num_kv_heads, d, generator=g) for n in lengths]
-        self.done = [0] * len(lengths)
+        super().__init__(layout, lengths, num_kv_heads, dtype, seed)
         self.kv_triton = self.kv_cache.clone().to(DEV)
 
-    def step(self, chunks):
-        bs = self.layout.block_size
-        keys, vals, qsl, lens, slots = [], [], [0], [], []
-        for r in range(len(self.keys)):
-            n = chunks.get(r, 0)
-            a = self.done[r]
-            keys.append(self.keys[r][a : a + n])
-            vals.append(self.values[r][a : a + n])
-            pos = torch.arange(a, a + n)
-            slots.append(self.block_table[r, pos // bs].long() * bs + pos % bs)
-            qsl.append(qsl[-1] + n)
-            lens.append(a + n)
-            self.done[r] += n
-        n_tok = qsl[-1]
-        # keys / values as strided views of one fused projection, plus padding rows
-        kv = torch.zeros(n_tok + 3, 2, self.h, self.layout.head_size, dtype=self.dtype)
-        kv[:n_tok, 0] = torch.cat(keys).to(self.dtype)
-        kv[:n_tok, 1] = torch.cat(vals).to(self.dtype)
-        k, v = kv[:, 0], kv[:, 1]
-        qsl_t, lens_t = torch.tensor(qsl, dtype=torch.int32), torch.tensor(lens, dtype=torch.int32)
-        slot_mapping = torch.cat(slots + [torch.full((3,), -1)])
-        plan = kivi.plan_write(self.layout, self.block_table, qsl_t, lens_t, slot_mapping, n_tok)
-        kivi.write(self.layout, self.layout.views(self.kv_cache), plan, k[:n_tok], v[:n_tok])
-        kivi_triton.kivi_write(self.layout, self.kv_triton, _dev(plan), k[:n_tok].to(DEV), v[:n_tok].to(DEV))
-        return qsl_t, lens_t
+    def write(self, plan, k, v) -> None:
+        super().write(plan, k, v)
+        kivi_triton.kivi_write(self.layout, self.kv_triton, _dev(plan), k.to(DEV), v.to(DEV))
 
 
 def _bytes_equal(a: torch.Tensor, b: torch.Tensor) -> None:
