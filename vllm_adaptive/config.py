@@ -24,7 +24,7 @@ from typing import Any
 
 from vllm_adaptive.errors import CONFIG_KEY, AdaptiveConfigError, config_error
 from vllm_adaptive.formats import DEFAULT_FORMAT, FORMATS
-from vllm_adaptive.formats.kivi import BITS, KiviParams
+from vllm_adaptive.formats.kivi import BITS, KiviParams, params_problem
 from vllm_adaptive.pattern import SparsePattern
 from vllm_adaptive.patterns import KINDS
 
@@ -295,17 +295,11 @@ def check_kivi_engine(params: KiviParams, block_size: int, max_model_len: int) -
     """The ``kivi`` checks that need the engine's block size and length."""
     g = params.group_size or block_size
     r = params.residual or block_size
-    if block_size % g:
-        raise config_error(
-            "kivi.group_size", f"a divisor of the block size {block_size}", params.group_size
-        )
+    bad = params_problem(g, r, block_size)
+    if bad:
+        key, allowed = bad
+        raise config_error(f"kivi.{key}", allowed, getattr(params, key))
     if r > max_model_len:
         raise config_error(
             "kivi.residual", f"at most the model's length {max_model_len}", params.residual
-        )
-    if r % g or block_size % r:
-        raise config_error(
-            "kivi.residual",
-            f"a multiple of group_size {g} that divides the block size {block_size}",
-            params.residual,
         )

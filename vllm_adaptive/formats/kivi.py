@@ -72,6 +72,20 @@ class KiviParams:
         return f"int{self.bits} g{g} r{r}"
 
 
+KEY_FIELD = {"group_size": "group", "residual": "residual"}
+
+
+def params_problem(group: int, residual: int, block_size: int) -> tuple[str, str] | None:
+    """(key, what is allowed) of the first group / residual rule broken, else
+    None: the one statement of these rules (``KiviLayout.check`` and the
+    start-up check ``config.check_kivi_engine`` both ask it)."""
+    if block_size % group:
+        return "group_size", f"a divisor of the block size {block_size}"
+    if residual % group or block_size % residual:
+        return "residual", f"a multiple of group_size {group} that divides the block size {block_size}"
+    return None
+
+
 @dataclass(frozen=True)
 class KiviLayout:
     bits: int
@@ -99,13 +113,10 @@ class KiviLayout:
             return f"bits must be one of {list(BITS)}, got {self.bits}"
         if self.head_size % self.per_byte:
             return f"head size {self.head_size} is not a multiple of {self.per_byte} (int{self.bits})"
-        if self.block_size % self.group:
-            return f"group_size {self.group} does not divide the block size {self.block_size}"
-        if self.residual % self.group or self.block_size % self.residual:
-            return (
-                f"residual {self.residual} must be a multiple of group_size {self.group} "
-                f"and divide the block size {self.block_size}"
-            )
+        bad = params_problem(self.group, self.residual, self.block_size)
+        if bad:
+            key, allowed = bad
+            return f"{key} {getattr(self, KEY_FIELD[key])}: expected {allowed}"
         return None
 
     # ---------------------------------------------------------------- sizes
