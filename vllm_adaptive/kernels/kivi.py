@@ -110,10 +110,12 @@ class WritePlan:
     res_row: torch.Tensor  # [n_res] long
 
 
-def _residual_loc(table_row: list[int], layout: KiviLayout, seg_start: int, t: int) -> tuple[int, int]:
+def _residual_loc(
+    table_row: torch.Tensor, layout: KiviLayout, seg_start: int, i: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(page, row) of offsets ``i`` into the residual of the segment at ``seg_start``."""
     tpp = layout.residual_tokens_per_page
-    i = t - seg_start
-    return table_row[seg_start // layout.block_size + 1 + i // tpp], i % tpp
+    return table_row[seg_start // layout.block_size + 1 + i // tpp].long(), i % tpp
 
 
 def plan_write(
@@ -124,56 +126,52 @@ def plan_write(
     slot_mapping: torch.Tensor,  # [num_tokens]
     num_tokens: int,
 ) -> WritePlan:
+    """Index work on the host, vectorised per request (loops over requests only)."""
     R, bs = layout.residual, layout.block_size
     slots = slot_mapping[:num_tokens].long()
-    keep = slots >= 0
-    rows = torch.nonzero(keep).flatten()
+    rows = torch.nonzero(slots >= 0).flatten()
     bt_cpu = block_table.cpu()
-    seg_src: list[list[int]] = []
-    seg_block: list[int] = []
-    seg_row: list[int] = []
-    old_page: list[int] = []
-    old_row: list[int] = []
-    res_rows: list[int] = []
-    res_page: list[int] = []
-    res_row: list[int] = []
+    parts: dict[str, list[torch.Tensor]] = {k: [] for k in (
+        "seg_src", "seg_block", "seg_row", "old_page", "old_row", "res_rows", "res_page", "res_row")}
+    n_old = 0
     for req in requests(query_start_loc_cpu, seq_lens_cpu):
         ctx, L, q0 = req.context_len, req.seq_len, req.q0
-        n_need = -(-L // bs) + layout.residual_pages + 1
-        table_row = bt_cpu[req.index, :n_need].tolist()
-        a = ctx // R * R
-        while a + R <= L:  # segments completed by this step
-            src = []
-            for t in range(a, a + R):
-                if t >= ctx:
-                    src.append(q0 + t - ctx)
-                else:
-                    page, row = _residual_loc(table_row, layout, a, t)
-                    src.append(-1 - len(old_page))  # resolved after `new` is known
-                    old_page.append(page)
-                    old_row.append(row)
-            seg_src.append(src)
-            seg_block.append(table_row[a // bs])
-            seg_row.append(a % bs)
-            a += R
-        for t in range(max(a, ctx), L):  # the open segment's new tokens
-            page, row = _residual_loc(table_row, layout, a, t)
-            res_rows.append(q0 + t - ctx)
-            res_page.append(page)
-            res_row.append(row)
-
-    def lt(x):
-        return torch.tensor(x, dtype=torch.long)
-
-    src = lt(seg_src).reshape(len(seg_src), R)
-    # old residual tokens are appended after the num_tokens new rows
-    src = torch.where(src < 0, num_tokens + (-1 - src), src)
+        table_row = bt_cpu[req.index]
+        a0 = ctx // R * R
+        n_seg = (L - a0) // R  # segments this step completes, from a0
+        if n_seg:
+            t = a0 + torch.arange(n_seg * R).reshape(n_seg, R)
+            src = q0 + t - ctx  # this step's rows
+            m = ctx - a0  # the first segment's older tokens sit in its residual
+            if m:
+                page, row = _residual_loc(table_row, layout, a0, torch.arange(m))
+                parts["old_page"].append(page)
+                parts["old_row"].append(row)
+                # appended after the num_tokens new rows
+                src[0, :m] = num_tokens + n_old + torch.arange(m)
+                n_old += m
+            starts = a0 + R * torch.arange(n_seg)
+            parts["seg_src"].append(src)
+            parts["seg_block"].append(table_row[starts // bs].long())
+            parts["seg_row"].append(starts % bs)
+        e = a0 + n_seg * R  # the open segment
+        t = torch.arange(max(e, ctx), L)
+        if t.numel():
+            page, row = _residual_loc(table_row, layout, e, t - e)
+            parts["res_rows"].append(q0 + t - ctx)
+            parts["res_page"].append(page)
+            parts["res_row"].append(row)
     dev = slot_mapping.device
+
+    def cat(k: str, shape=(0,)) -> torch.Tensor:
+        xs = parts[k]
+        return (torch.cat(xs) if xs else torch.empty(shape, dtype=torch.long)).to(dev)
+
     return WritePlan(
         rows=rows, slots=slots[rows],
-        seg_src=src.to(dev), seg_block=lt(seg_block).to(dev), seg_row=lt(seg_row).to(dev),
-        old_page=lt(old_page).to(dev), old_row=lt(old_row).to(dev),
-        res_rows=lt(res_rows).to(dev), res_page=lt(res_page).to(dev), res_row=lt(res_row).to(dev),
+        seg_src=cat("seg_src", (0, R)), seg_block=cat("seg_block"), seg_row=cat("seg_row"),
+        old_page=cat("old_page"), old_row=cat("old_row"),
+        res_rows=cat("res_rows"), res_page=cat("res_page"), res_row=cat("res_row"),
     )
 
 
