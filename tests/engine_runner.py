@@ -41,6 +41,16 @@ def main() -> None:
         kwargs["attention_backend"] = spec["backend"]
     if "adaptive_attention" in spec:
         kwargs["hf_overrides"] = {"adaptive_attention": spec["adaptive_attention"]}
+    stats_path = None
+    if spec.get("release_stats"):
+        import tempfile
+
+        from vllm_adaptive.importance.channel import STATS_ENV
+
+        stats_path = os.path.join(tempfile.mkdtemp(), "release.json")
+        os.environ[STATS_ENV] = stats_path
+    if "long_prefill_token_threshold" in spec:
+        kwargs["long_prefill_token_threshold"] = spec["long_prefill_token_threshold"]
     t0 = time.time()
     llm = LLM(**kwargs)
     start_s = time.time() - t0
@@ -60,7 +70,12 @@ def main() -> None:
             if m.name in ("vllm:num_preemptions", "vllm:prompt_tokens",
                           "vllm:prefix_cache_hits", "vllm:prefix_cache_queries"):
                 metrics[m.name] = getattr(m, "value", None)
+    release = None
+    if stats_path and os.path.exists(stats_path):
+        with open(stats_path) as f:
+            release = json.load(f)
     result = {
+        "release": release,
         "metrics": metrics,
         "num_gpu_blocks": cache.num_gpu_blocks,
         "kv_cache_size_tokens": getattr(cache, "kv_cache_size_tokens", None),

@@ -38,14 +38,14 @@ def test_layer_table_lookup():
 @pytest.mark.parametrize(
     "raw,needle",
     [
-        ("longgen-typo", r"adaptive_attention\.preset: expected one of \['full', 'kivi2', 'kivi4', 'kivi8', 'longgen', 'longgen-kivi4', 'longgen-strided'\], got 'longgen-typo'"),
+        ("longgen-typo", r"adaptive_attention\.preset: expected one of \['adore', 'full', 'kivi2', 'kivi4', 'kivi8', 'longgen', 'longgen-adore', 'longgen-kivi4', 'longgen-strided'\], got 'longgen-typo'"),
         ({"preset": 3}, r"adaptive_attention\.preset: expected one of"),
         ({"windw": 4}, r"unknown key\(s\) \['windw'\]; allowed keys are"),
         ({"kernels": "cuda"}, r"adaptive_attention\.kernels: expected one of \['auto', 'vllm_cpu', 'torch', 'triton'\], got 'cuda'"),
-        ({"default_kind": "sparse"}, r"adaptive_attention\.default_kind: expected one of \['full', 'sink_window', 'strided'\], got 'sparse'"),
+        ({"default_kind": "sparse"}, r"adaptive_attention\.default_kind: expected one of \['full', 'sink_window', 'strided', 'release'\], got 'sparse'"),
         ({"layer_kinds": "full"}, r"adaptive_attention\.layer_kinds: expected a list of 4 layer kinds, got 'full'"),
         ({"layer_kinds": ["full"] * 3}, r"layer_kinds: expected 4 entries .* got 3"),
-        ({"layer_kinds": ["full", "full", 7, "full"]}, r"layer_kinds\[2\]: expected one of \['full', 'sink_window', 'strided'\], got 7"),
+        ({"layer_kinds": ["full", "full", 7, "full"]}, r"layer_kinds\[2\]: expected one of \['full', 'sink_window', 'strided', 'release'\], got 7"),
         ({"full_layers": [0, 4]}, r"adaptive_attention\.full_layers\[1\]: expected a layer index in \[0, 4\), got 4"),
         ({"full_layers": [1, 1]}, r"adaptive_attention\.full_layers: expected distinct layer indices"),
         ({"full_layers": "top"}, r"adaptive_attention\.full_layers: expected 'middle_third' or a list"),
@@ -57,7 +57,7 @@ def test_layer_table_lookup():
         ({"strided": 64}, r"adaptive_attention\.strided: expected a dict with keys"),
         (42, r"adaptive_attention: expected a preset name .* got int 42"),
         ({"kernels": {"sink_window": "cuda"}}, r"adaptive_attention\.kernels\.sink_window: expected one of \['auto', 'vllm_cpu', 'torch', 'triton'\], got 'cuda'"),
-        ({"kernels": {"sparse": "torch"}}, r"adaptive_attention\.kernels \(a layer kind\): expected one of \['full', 'sink_window', 'strided'\], got 'sparse'"),
+        ({"kernels": {"sparse": "torch"}}, r"adaptive_attention\.kernels \(a layer kind\): expected one of \['full', 'sink_window', 'strided', 'release'\], got 'sparse'"),
         ({"kernels": 3}, r"adaptive_attention\.kernels: expected one of .* or a dict \{layer kind: value\}, got 3"),
         ({"kv_format": "int4"}, r"adaptive_attention\.kv_format: expected one of \['model_dtype', 'kivi'\], got 'int4'"),
     ],
@@ -196,3 +196,44 @@ def test_kivi_bad_values_name_the_key(raw, block_size, needle):
     with pytest.raises(AdaptiveConfigError) as e:
         resolve_on(parse_config(raw, 30), block_size=block_size, max_model_len=128)
     assert needle in str(e.value)
+
+
+def test_adore_presets():
+    plan = resolve_on(parse_config("adore", 30))
+    assert {(lp.kind, lp.path) for lp in plan.layers} == {("release", "torch")}
+    p = plan.layers[0].pattern
+    assert (p.budget, p.sink, p.recent, p.scorer) == (1024, 128, 256, "gru")
+    lg = resolve_on(parse_config({"preset": "longgen-adore", "release": {"scorer": "h2o"}}, 30))
+    assert [lp.kind for lp in lg.layers][9:21] == ["release"] + ["full"] * 10 + ["release"]
+    assert lg.layers[0].pattern.scorer == "h2o" and lg.layers[0].pattern.budget == 1024
+    assert "release" in lg.table() and "scorer=h2o" in lg.table()
+
+
+@pytest.mark.parametrize("raw,needle", [
+    ({"release": {"budget": 1000}}, "release.budget: expected a multiple of the KV cache block size (128), got 1000"),
+    ({"release": {"budget": 512}}, "release.budget: expected at least 640 tokens at block size 128"),
+    ({"release": {"budget": 8192}}, "release.budget: 8192 tokens is not less than max_model_len=8192"),
+    ({"release": {"scorer": "snapkv"}}, "release.scorer: expected one of ['gru', 'h2o', 'recent', 'quest'], got 'snapkv'"),
+    ({"release": {"sink": 0}}, "release.sink: expected an int >= 1, got 0"),
+    ({"release": {"rebuild": -1}}, "release.rebuild: expected an int >= 0, got -1"),
+    ({"release": {"budgets": 1024}}, "release: unknown key(s) ['budgets']"),
+    ({"release": {"controller": "/nonexistent/ctl.pt"}}, "release.controller: expected an existing controller file, got '/nonexistent/ctl.pt'"),
+    ({"release": {"controller": 3}}, "release.controller: expected a path to a controller file, or null, got 3"),
+    ({"release": {"prefill_chunk": 0}}, "release.prefill_chunk: expected an int >= 1, got 0"),
+])
+def test_release_bad_values_name_the_key(raw, needle):
+    with pytest.raises(AdaptiveConfigError) as e:
+        resolve_on(parse_config({"preset": "adore", **raw}, 30))
+    assert needle in str(e.value)
+
+
+def test_release_has_no_kivi_runner_yet():
+    with pytest.raises(AdaptiveConfigError, match=r"no kernel path runs layer 0 \(release, kv_format kivi\)"):
+        resolve_on(parse_config({"preset": "adore", "kv_format": "kivi"}, 30))
+
+
+def test_damaged_controller_file_names_the_key(tmp_path):
+    bad = tmp_path / "ctl.pt"
+    bad.write_bytes(b"not a controller")
+    with pytest.raises(AdaptiveConfigError, match=r"release\.controller: expected a controller file written by train-controller"):
+        resolve_on(parse_config({"preset": "adore", "release": {"controller": str(bad)}}, 30))

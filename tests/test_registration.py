@@ -149,3 +149,18 @@ def test_every_subpackage_ships_in_a_regular_install():
     assert on_disk <= listed, f"not listed in pyproject.toml packages: {sorted(on_disk - listed)}"
     for pkg in listed - set(cfg.get("package-dir", {})):
         assert (root / pkg.replace(".", "/") / "__init__.py").is_file(), pkg
+
+
+def test_the_shipped_controller_is_package_data():
+    """A wheel carries the trained controller (the ``adore`` preset's default)."""
+    import tomllib
+    from pathlib import Path
+
+    from vllm_adaptive.importance.controller import SHIPPED, load_controller
+
+    root = Path(__file__).resolve().parents[1]
+    cfg = tomllib.loads((root / "pyproject.toml").read_text())["tool"]["setuptools"]
+    assert SHIPPED.name in cfg["package-data"]["vllm_adaptive.importance"]
+    ctl = load_controller(None)
+    assert ctl.in_dim == 3 * 64 and ctl.info["eval"]["block_auc_controller"] > 0.5
+    assert SHIPPED.stat().st_size < 200_000

@@ -44,6 +44,8 @@ def _cases():
     for (family, fmt, path), runner in sorted(RUNNERS.items()):
         if fmt != "model_dtype":
             continue  # quantized formats: tests/test_kivi*.py, against the dequantized cache
+        if family == "release":
+            continue  # tables from the connector: tests/test_release_runner.py
         for pattern in PATTERNS[family]:
             for dtype in (torch.float32, torch.bfloat16):
                 yield pytest.param(
@@ -134,7 +136,7 @@ def test_every_family_has_a_runner_on_every_path():
     combination fails at start-up, see test_plan.py)."""
     assert {(f, p) for f, fmt, p in RUNNERS if fmt == "model_dtype"} == {
         (f, p) for f in ("dense", "sparse") for p in ("vllm_cpu", "torch", "triton")
-    }
+    } | {("release", "torch")}  # release: the torch path only (its scorers read the keys)
     # kivi: vLLM's CPU ops cannot read its pages; torch everywhere, Triton on CUDA
     assert {(f, p) for f, fmt, p in RUNNERS if fmt == "kivi"} >= {
         (f, p) for f in ("dense", "sparse") for p in ("torch", "triton")

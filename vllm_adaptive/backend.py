@@ -203,6 +203,7 @@ class AdaptiveImpl(AttentionImpl[AdaptiveMetadata]):
                 kv_params=lp.kv_params,
             )
             self.runner = lp.runner(geometry, lp.pattern)
+            self.runner.layer_name, self.runner.layer_idx = layer.layer_name, lp.layer_idx
         return self.runner
 
     def do_kv_cache_update(

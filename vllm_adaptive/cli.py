@@ -119,7 +119,14 @@ def main(argv: list[str] | None = None) -> int:
     sub.add_parser("calibrate", add_help=False,
                    help="choose the full-attention layers from attention statistics "
                    "(see `vllm-adaptive calibrate --help`)")
+    sub.add_parser("train-controller", add_help=False,
+                   help="train ADORE's GRU controller on the embedded model "
+                   "(see `vllm-adaptive train-controller --help`)")
     ns, rest = p.parse_known_args(argv)
+    if ns.cmd == "train-controller":
+        from vllm_adaptive.importance.train import main as train_main
+
+        return train_main(rest)
     if ns.cmd == "calibrate":
         from vllm_adaptive.calibrate import main as calibrate_main
 

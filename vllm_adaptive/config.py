@@ -35,7 +35,7 @@ LAYER_KINDS: tuple[str, ...] = tuple(KINDS)
 #: Kinds whose layers free KV blocks.
 SPARSE_KINDS: tuple[str, ...] = tuple(k for k, kind in KINDS.items() if kind.frees_blocks)
 #: Each parameterised kind's default sub-dict (presets and users override key by key).
-KIND_DEFAULTS: dict[str, dict[str, int]] = {k: dict(v.defaults) for k, v in KINDS.items() if v.defaults}
+KIND_DEFAULTS: dict[str, dict[str, Any]] = {k: dict(v.defaults) for k, v in KINDS.items() if v.defaults}
 
 #: Which kernels run a layer (``runners/``), per kind or for all kinds.
 #:   auto      on CPU vLLM's own CPU ops where a runner can use them, else the
@@ -63,6 +63,11 @@ PRESETS: dict[str, dict[str, Any]] = {
         "default_kind": "sink_window", "full_layers": "middle_third",
         "kv_format": "kivi", "kivi": {"bits": 4},
     },
+    # ADORE adaptive token release (patterns/release.py): every layer holds a
+    # budget of 1024 tokens, scored by the shipped GRU controller.
+    "adore": {"default_kind": "release"},
+    # LongGen's full middle third kept; the other layers release layers.
+    "longgen-adore": {"default_kind": "release", "full_layers": "middle_third"},
 }
 
 #: ``adaptive_attention.kivi``: the quantized format's parameters. ``null``

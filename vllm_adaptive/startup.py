@@ -85,7 +85,9 @@ def _check_block_freeing_engine(cfg: AdaptiveConfig, vllm_config: Any) -> None:
             f"{CONFIG_KEY}: sparse layers ({kinds}) do not support speculative "
             "decoding (rejected draft tokens would need freed blocks back)"
         )
-    if vllm_config.kv_transfer_config is not None:
+    if "release" in cfg.kinds_used:
+        _setup_release(cfg, vllm_config)
+    elif vllm_config.kv_transfer_config is not None:
         raise ValueError(
             f"{CONFIG_KEY}: sparse layers ({kinds}) do not support KV transfer "
             "connectors (their block tables hold freed, null blocks)"
@@ -103,6 +105,50 @@ def _check_block_freeing_engine(cfg: AdaptiveConfig, vllm_config: Any) -> None:
             "blocks outside their pattern, so a cached prefix cannot be reused.",
             BACKEND_NAME, kinds,
         )
+
+
+def _setup_release(cfg: AdaptiveConfig, vllm_config: Any) -> None:
+    """Release layers: their connector (the worker <-> scheduler channel,
+    ``importance/channel.py``), the per-request prefill chunk, and the
+    controller's fit to the model."""
+    from vllm.config import KVTransferConfig
+
+    from vllm_adaptive.importance.channel import CONNECTOR_NAME, MODULE_PATH
+
+    params = cfg.pattern("release")
+    ktc = vllm_config.kv_transfer_config
+    if ktc is None:
+        vllm_config.kv_transfer_config = KVTransferConfig(
+            kv_connector=CONNECTOR_NAME, kv_connector_module_path=MODULE_PATH, kv_role="kv_both",
+        )
+        logger.info("%s: release layers report importance scores through KV connector %s.",
+                    BACKEND_NAME, CONNECTOR_NAME)
+    elif ktc.kv_connector != CONNECTOR_NAME:
+        raise ValueError(
+            f"{CONFIG_KEY}: release layers need their own KV connector ({CONNECTOR_NAME}), "
+            f"but --kv-transfer-config sets {ktc.kv_connector!r}; drop it"
+        )
+    sched = vllm_config.scheduler_config
+    if not sched.long_prefill_token_threshold:
+        sched.long_prefill_token_threshold = params.prefill_chunk
+        logger.info(
+            "%s: long_prefill_token_threshold=%d (release.prefill_chunk): a release layer "
+            "holds its budget plus one step's tokens per request.",
+            BACKEND_NAME, params.prefill_chunk,
+        )
+    if params.scorer == "gru":
+        from vllm_adaptive.config import num_layers_of
+        from vllm_adaptive.importance.controller import check_controller_fits, load_controller
+
+        model = vllm_config.model_config
+        ctl = load_controller(params.controller)
+        check_controller_fits(ctl, num_layers_of(model.hf_config),
+                              model.get_total_num_kv_heads(), model.get_head_size())
+        if cfg.kinds[ctl.layer] != "release":
+            raise ValueError(
+                f"{CONFIG_KEY}.release.controller: the controller reads layer {ctl.layer}'s "
+                f"values, but that layer is {cfg.kinds[ctl.layer]!r}, not a release layer"
+            )
 
 
 def finalize_vllm_config(vllm_config: Any) -> None:
@@ -127,8 +173,13 @@ def kv_spec_for_layer(layer_name: str, spec, vllm_config: Any):
     lp = plan_for(vllm_config).for_layer_name(layer_name)
     if lp.frees_blocks or lp.kv_params is not None:
         register_kv_specs()
+    chunk = vllm_config.max_in_flight_tokens
+    if lp.kind == "release" and vllm_config.scheduler_config.long_prefill_token_threshold:
+        # a request computes at most this many tokens per step (when it is
+        # not alone: a lone request may take a whole batch, see docs)
+        chunk = min(chunk, vllm_config.scheduler_config.long_prefill_token_threshold)
     spec = lp.pattern_kind.kv_spec(
-        spec, lp.pattern, chunk_tokens=vllm_config.max_in_flight_tokens,
+        spec, lp.pattern, chunk_tokens=chunk,
         in_step_free=lp.runner.in_step_free,
     )
     if lp.kv_params is not None:

@@ -12,7 +12,7 @@ in place.
 
 from __future__ import annotations
 
-from vllm_adaptive.kv.specs import ResidualFullSpec, SparsePatternSpec
+from vllm_adaptive.kv.specs import ReleaseBudgetSpec, ResidualFullSpec, SparsePatternSpec
 
 _REGISTERED = False
 
@@ -20,8 +20,12 @@ _REGISTERED = False
 def registrations() -> list[tuple[type, type]]:
     """(spec, manager) pairs (managers import vLLM's scheduler-side code)."""
     from vllm_adaptive.kv.managers import ResidualFullManager, SparsePatternManager
+    from vllm_adaptive.kv.release import ReleaseManager
 
-    return [(SparsePatternSpec, SparsePatternManager), (ResidualFullSpec, ResidualFullManager)]
+    return [
+        (SparsePatternSpec, SparsePatternManager), (ResidualFullSpec, ResidualFullManager),
+        (ReleaseBudgetSpec, ReleaseManager),
+    ]
 
 
 def register_kv_specs() -> None:
@@ -36,4 +40,4 @@ def register_kv_specs() -> None:
     _REGISTERED = True
 
 
-__all__ = ["ResidualFullSpec", "SparsePatternSpec", "register_kv_specs", "registrations"]
+__all__ = ["ReleaseBudgetSpec", "ResidualFullSpec", "SparsePatternSpec", "register_kv_specs", "registrations"]

@@ -8,9 +8,10 @@ from __future__ import annotations
 
 from vllm_adaptive.patterns.base import PatternKind
 from vllm_adaptive.patterns.full import FullKind
+from vllm_adaptive.patterns.release import ReleaseKind
 from vllm_adaptive.patterns.sink_window import SinkWindowKind
 from vllm_adaptive.patterns.strided import StridedKind
 
-KINDS: dict[str, PatternKind] = {k.name: k for k in (FullKind(), SinkWindowKind(), StridedKind())}
+KINDS: dict[str, PatternKind] = {k.name: k for k in (FullKind(), SinkWindowKind(), StridedKind(), ReleaseKind())}
 
 __all__ = ["KINDS", "PatternKind"]

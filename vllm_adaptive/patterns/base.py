@@ -43,8 +43,8 @@ class PatternKind:
         return spec
 
     # -------------------------------------------------------------- helpers
-    def _int_keys(self, value: Any, minimums: dict[str, int]) -> dict[str, int]:
-        """``value`` merged over the defaults, every key an int >= its minimum."""
+    def _merged(self, value: Any) -> dict[str, Any]:
+        """``value`` (a dict of this kind's keys only) merged over the defaults."""
         keys = list(self.defaults)
         if not isinstance(value, Mapping):
             raise config_error(self.name, f"a dict with keys {keys}", value)
@@ -53,8 +53,13 @@ class PatternKind:
             raise AdaptiveConfigError(
                 f"adaptive_attention.{self.name}: unknown key(s) {unknown}; allowed keys are {keys}"
             )
-        merged = {**self.defaults, **value}
-        for k in keys:
+        return {**self.defaults, **value}
+
+    def _int_keys(self, value: Any, minimums: dict[str, int], keys: Any = None) -> dict[str, Any]:
+        """``value`` merged over the defaults, every key (of ``keys``, default
+        all) an int >= its minimum."""
+        merged = self._merged(value)
+        for k in keys or self.defaults:
             v, minimum = merged[k], minimums.get(k, 0)
             if not isinstance(v, int) or isinstance(v, bool) or v < minimum:
                 raise config_error(f"{self.name}.{k}", f"an int >= {minimum}", v)

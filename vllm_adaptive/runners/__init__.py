@@ -12,6 +12,7 @@ from vllm_adaptive.runners.base import Geometry, Runner, StepPlan
 from vllm_adaptive.runners.dense_torch import DenseTorch
 from vllm_adaptive.runners.dense_triton import DenseTriton
 from vllm_adaptive.runners.dense_vllm_cpu import DenseVllmCpu
+from vllm_adaptive.runners.release_torch import ReleaseTorch
 from vllm_adaptive.runners.kivi_torch import (
     DenseKiviTorch, DenseKiviTriton, SparseKiviTorch, SparseKiviTriton,
 )
@@ -23,7 +24,7 @@ RUNNERS: dict[tuple[str, str, str], type[Runner]] = {
     (r.family, r.kv_format, r.path): r
     for r in (
         DenseVllmCpu, DenseTorch, DenseTriton, SparseVllmCpu, SparseTorch, SparseTriton,
-        DenseKiviTorch, SparseKiviTorch, DenseKiviTriton, SparseKiviTriton,
+        DenseKiviTorch, SparseKiviTorch, DenseKiviTriton, SparseKiviTriton, ReleaseTorch,
     )
 }
 
