@@ -65,12 +65,29 @@ def engine_kwargs(m: dict, **kw) -> dict:
 
 
 def start_engine(m: dict, **kw):
-    """``(LLM for map m, seconds its start took)``; ``kw`` as in :func:`engine_kwargs`."""
+    """``(LLM for map m, seconds its start took)``; ``kw`` as in :func:`engine_kwargs`.
+    Release layers' statistics go to a temporary file (:func:`release_stats`)."""
+    import tempfile
+
     from vllm import LLM
 
+    from vllm_adaptive.importance.channel import STATS_ENV
+
+    os.environ[STATS_ENV] = os.path.join(tempfile.mkdtemp(prefix="release-"), "stats.json")
     t0 = time.time()
     llm = LLM(**engine_kwargs(m, **kw))
     return llm, time.time() - t0
+
+
+def release_stats() -> dict | None:
+    """The scheduler's release statistics of this process's engine (per
+    release KV-cache group: blocks released, dropped, rebuilt, ...), or None."""
+    from vllm_adaptive.importance.channel import STATS_ENV
+
+    path = os.environ.get(STATS_ENV)
+    if not path or not os.path.exists(path):
+        return None
+    return json.loads(Path(path).read_text())
 
 
 def run_subprocess(script: str, spec: dict, timeout: int = 7200, env: dict | None = None,

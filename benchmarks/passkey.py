@@ -48,7 +48,7 @@ import time
 from pathlib import Path
 
 from common import (DEFAULT_MAPS, RESULTS, add_child_args, full_layers_of, generate, meta,
-                    resolve_map, run_child, run_subprocess, start_engine, write_doc)
+                    release_stats, resolve_map, run_child, run_subprocess, start_engine, write_doc)
 
 FILLER = "The grass is green. The sky is blue. The sun is yellow. Here we go. There and back again."
 NEEDLE = "The pass key is {key}. Remember it. {key} is the pass key."
@@ -121,7 +121,7 @@ def run_one(spec: dict) -> dict:
     cc = llm.llm_engine.vllm_config.cache_config
     return {"map": m["name"], "start_s": round(start_s, 1), "generate_s": round(gen_s, 1),
             "prompt_tokens_total": sum(r["prompt_tokens"] for r in rows),
-            "block_size": cc.block_size, "rows": rows}
+            "block_size": cc.block_size, "release": release_stats(), "rows": rows}
 
 
 # ----------------------------------------------------------------------------- report

@@ -4,6 +4,7 @@ and share the results."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import subprocess
@@ -61,6 +62,53 @@ def run_engine(spec: dict, timeout: int = 900) -> dict:
         tail = (proc.stdout + proc.stderr)[-6000:]
         raise AssertionError(f"engine run failed (rc={proc.returncode}) for {spec}:\n{tail}")
     return json.loads(lines[-1][len("RESULT "):])
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@contextlib.contextmanager
+def serve(preset: str, tmp_dir: Path, env: dict, extra: tuple[str, ...] = ()):
+    """The README's serve command with ``preset`` on a free loopback port;
+    yields ``(base_url, log_path)`` once ``/health`` answers."""
+    import time
+
+    import requests
+
+    port = _free_port()
+    log_path = tmp_dir / "server.log"
+    log = open(log_path, "w")
+    cmd = [sys.executable, "-m", "vllm_adaptive.cli", "serve", "--preset", preset,
+           "--port", str(port), "--max-model-len", "2048", "--enforce-eager",
+           "--max-num-seqs", "8", *extra]
+    proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, cwd=ROOT, env=env)
+    base = f"http://127.0.0.1:{port}"
+    deadline = time.time() + 600
+    try:
+        while True:
+            if proc.poll() is not None:
+                raise AssertionError(f"server exited rc={proc.returncode}:\n{log_path.read_text()[-5000:]}")
+            try:
+                if requests.get(base + "/health", timeout=2).status_code == 200:
+                    break
+            except requests.RequestException:
+                pass
+            if time.time() > deadline:
+                raise AssertionError(f"server not healthy in time:\n{log_path.read_text()[-5000:]}")
+            time.sleep(2)
+        yield base, log_path
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+        log.close()
 
 
 def on_device(fn):

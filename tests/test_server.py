@@ -5,59 +5,19 @@ HTTP errors and the server stays up."""
 
 from __future__ import annotations
 
-import socket
-import subprocess
-import sys
-import time
-
 import pytest
 
-from conftest import ROOT, engine_env
+from conftest import engine_env, serve
 
 pytestmark = pytest.mark.server
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
-    import requests
-
-    port = _free_port()
-    log_path = tmp_path_factory.mktemp("server") / "server.log"
-    log = open(log_path, "w")
-    cmd = [sys.executable, "-m", "vllm_adaptive.cli", "serve", "--preset", "longgen",
-           "--port", str(port), "--max-model-len", "2048", "--enforce-eager",
-           "--max-num-seqs", "8"]
     env = engine_env()
     env.pop("VLLM_CPU_KVCACHE_SPACE")  # exercise the CLI's default, as `make serve` does
-    proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, cwd=ROOT, env=env)
-    base = f"http://127.0.0.1:{port}"
-    deadline = time.time() + 600
-    try:
-        while True:
-            if proc.poll() is not None:
-                raise AssertionError(f"server exited rc={proc.returncode}:\n{log_path.read_text()[-5000:]}")
-            try:
-                if requests.get(base + "/health", timeout=2).status_code == 200:
-                    break
-            except requests.RequestException:
-                pass
-            if time.time() > deadline:
-                raise AssertionError(f"server not healthy in time:\n{log_path.read_text()[-5000:]}")
-            time.sleep(2)
-        yield base, log_path
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=60)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-        log.close()
+    with serve("longgen", tmp_path_factory.mktemp("server"), env) as s:
+        yield s
 
 
 @pytest.fixture(scope="module")

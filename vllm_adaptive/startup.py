@@ -101,8 +101,9 @@ def _check_block_freeing_engine(cfg: AdaptiveConfig, vllm_config: Any) -> None:
     if cache.enable_prefix_caching:
         cache.enable_prefix_caching = False
         logger.info(
-            "%s: prefix caching switched off: sparse layers (%s) free the KV "
-            "blocks outside their pattern, so a cached prefix cannot be reused.",
+            "%s: prefix caching switched off: sparse layers (%s) free KV blocks "
+            "(outside their pattern, or beyond their budget), so a cached prefix "
+            "cannot be reused.",
             BACKEND_NAME, kinds,
         )
 
