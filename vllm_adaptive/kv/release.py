@@ -112,6 +112,10 @@ class ReleaseManager(SingleTypeKVCacheManager):
         spec = kv_cache_spec
         self.spec = spec
         self.store = ScoreStore()  # replaced by the connector's shared store
+        from vllm_adaptive.importance.scorers import SCORERS
+
+        scorer = SCORERS[spec.scorer]
+        self._index_scorer = scorer if scorer.scheduler_side else None
         self.stats = ReleaseStats()
         self._free_slots: list[int] = list(range(spec.host_blocks - 1, -1, -1))
         self._host: dict[str, dict[int, int]] = {}  # req -> {block index: host slot}
@@ -169,8 +173,8 @@ class ReleaseManager(SingleTypeKVCacheManager):
             self.stats.dropped += 1
 
     def _score_key(self, req: str, i: int) -> tuple[float, int]:
-        if self.spec.scorer == "recent":
-            return (float(i), i)
+        if self._index_scorer is not None:  # scheduler-side (``recent``): no worker scores
+            return (self._index_scorer.block_score(i), i)
         if i in self._pinned.get(req, ()):
             return (float("inf"), i)
         s = self.store.score(req, i)
