@@ -86,8 +86,8 @@ def test_capacity_in_vllms_accounting():
 
 
 def test_small_pool_serves_the_batch_without_preemption():
-    # 4 long requests: 4 x 58 blocks of 32 tokens (7.4K tokens) would not fit
-    # in 160 blocks; 4 x (32 + 2) blocks do
+    # 4 long requests of 1.3-1.6K tokens: 186 blocks of 32 tokens would not
+    # fit in 160 blocks; 4 x (32 + 2) = 136 do
     page = 32 * 30 * 2 * 3 * 64 * 4  # tokens x layers x (K, V) x kv heads x head size x fp32
     r = result("small_pool", prompts=LONG * 2, adaptive_attention=RELEASE,
                kv_cache_memory_bytes=160 * page, max_num_seqs=4)
