@@ -237,3 +237,37 @@ def test_damaged_controller_file_names_the_key(tmp_path):
     bad.write_bytes(b"not a controller")
     with pytest.raises(AdaptiveConfigError, match=r"release\.controller: expected a controller file written by train-controller"):
         resolve_on(parse_config({"preset": "adore", "release": {"controller": str(bad)}}, 30))
+
+
+def _fake_vllm_config(kv_transfer_config=None):
+    from types import SimpleNamespace
+
+    model = SimpleNamespace(hf_config=SimpleNamespace(num_hidden_layers=30),
+                            get_total_num_kv_heads=lambda: 3, get_head_size=lambda: 64)
+    return SimpleNamespace(kv_transfer_config=kv_transfer_config, model_config=model,
+                           scheduler_config=SimpleNamespace(long_prefill_token_threshold=0))
+
+
+def test_release_startup_installs_the_connector_and_checks_the_controller():
+    from types import SimpleNamespace
+
+    from vllm_adaptive.importance.channel import CONNECTOR_NAME
+    from vllm_adaptive.startup import _setup_release
+
+    vc = _fake_vllm_config()
+    _setup_release(parse_config("adore", 30), vc)
+    assert vc.kv_transfer_config.kv_connector == CONNECTOR_NAME
+    assert vc.scheduler_config.long_prefill_token_threshold == 256
+    # the shipped controller reads layer 2: it must be a release layer
+    kinds = ["release"] * 30
+    kinds[2] = "full"
+    with pytest.raises(ValueError, match=r"release\.controller: the controller reads layer 2's values, but that layer is 'full'"):
+        _setup_release(parse_config({"preset": "adore", "layer_kinds": kinds}, 30), _fake_vllm_config())
+    other = SimpleNamespace(kv_connector="NixlConnector")
+    with pytest.raises(ValueError, match=r"release layers need their own KV connector \(AdoreConnector\), but --kv-transfer-config sets 'NixlConnector'"):
+        _setup_release(parse_config("adore", 30), _fake_vllm_config(other))
+    # a controller for another model
+    vc = _fake_vllm_config()
+    vc.model_config.get_head_size = lambda: 128
+    with pytest.raises(AdaptiveConfigError, match=r"release\.controller: expected a controller for this model .* got 'one trained on layer 2 with 192 inputs'"):
+        _setup_release(parse_config("adore", 30), vc)
