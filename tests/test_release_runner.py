@@ -66,6 +66,11 @@ def make_case(dtype, released=RELEASED):
     return case, meta
 
 
+def _slots(cache, slots):
+    """[num_blocks, H, bs, D] cache -> [len(slots), H, D] rows of those slots."""
+    return cache.permute(0, 2, 1, 3).reshape(-1, cache.shape[1], cache.shape[3])[slots]
+
+
 def held_reference(case, released, scale):
     """Causal attention over each request's held tokens, float32."""
     out = torch.empty(case.query.shape, dtype=torch.float32)
@@ -73,8 +78,7 @@ def held_reference(case, released, scale):
     for r, ctx, s, q0 in case.requests():
         pos = [p for p in range(s) if p // bs not in released[r]]
         slots = [case.slot(r, p) for p in pos]
-        k = case.key_cache.permute(0, 2, 1, 3).reshape(-1, case.key_cache.shape[1], case.key_cache.shape[3])[slots]
-        v = case.value_cache.permute(0, 2, 1, 3).reshape(-1, case.value_cache.shape[1], case.value_cache.shape[3])[slots]
+        k, v = _slots(case.key_cache, slots), _slots(case.value_cache, slots)
         ql = s - ctx
         q = case.query[q0:q0 + ql].float()
         mask = torch.tensor(pos)[None, :] <= torch.arange(ctx, s)[:, None]
@@ -129,7 +133,7 @@ def _held_keys(case, r, released):
     s = int(case.seq_lens[r])
     pos = [p for p in range(s) if p // BS not in released[r]]
     slots = [case.slot(r, p) for p in pos]
-    k = case.key_cache.permute(0, 2, 1, 3).reshape(-1, case.key_cache.shape[1], case.key_cache.shape[3])[slots]
+    k = _slots(case.key_cache, slots)
     return k.transpose(0, 1).float(), sorted({p // BS for p in pos})
 
 

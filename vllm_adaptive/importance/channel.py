@@ -59,6 +59,8 @@ from vllm.distributed.kv_transfer.kv_connector.v1.base import (
     SupportsHMA,
 )
 
+from vllm_adaptive.formats import split_kv_cache
+
 CONNECTOR_NAME = "AdoreConnector"
 #: Where the scheduler writes release statistics (JSON), when set.
 STATS_ENV = "VLLM_ADAPTIVE_RELEASE_STATS"
@@ -251,8 +253,7 @@ class AdoreConnector(KVConnectorBase_V1, SupportsHMA):
                     slots = torch.tensor([s for _, s in out])
                     pages = cache.index_select(0, blocks)
                     host[slots] = pages.to(host.device, non_blocking=False)
-                    bs = cache.shape[2]
-                    keys = pages.view(len(out), cache.shape[1], 2 * bs, -1)[:, :, :bs].float()
+                    keys = split_kv_cache(pages)[0].float()  # the model_dtype page layout
                     self.host_kmin[layer][slots] = keys.amin(2).cpu()
                     self.host_kmax[layer][slots] = keys.amax(2).cpu()
                 if into:
