@@ -10,7 +10,8 @@ from __future__ import annotations
 import importlib
 from dataclasses import dataclass
 
-MODULES = ("attention_registry", "platform_cpu", "platform_config", "attention_spec")
+MODULES = ("attention_registry", "platform_cpu", "platform_config", "attention_spec", "platform_ray",
+           "block_pool_audit", "pipeline_cpu")
 
 
 @dataclass(frozen=True)

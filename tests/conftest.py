@@ -48,9 +48,9 @@ def engine_env() -> dict:
     return env
 
 
-def run_engine(spec: dict, timeout: int = 900) -> dict:
+def run_engine(spec: dict, timeout: int = 900, env_extra: dict | None = None) -> dict:
     """Start an engine in a fresh process, generate, return its JSON result."""
-    env = engine_env()
+    env = {**engine_env(), **(env_extra or {})}
     # lets the runner ask the worker which backend each layer really uses
     env["VLLM_ALLOW_INSECURE_SERIALIZATION"] = "1"
     proc = subprocess.run(
@@ -60,55 +60,22 @@ def run_engine(spec: dict, timeout: int = 900) -> dict:
     lines = [l for l in proc.stdout.splitlines() if l.startswith("RESULT ")]
     if proc.returncode != 0 or not lines:
         tail = (proc.stdout + proc.stderr)[-6000:]
-        raise AssertionError(f"engine run failed (rc={proc.returncode}) for {spec}:\n{tail}")
+        shown = {k: v for k, v in spec.items() if k != "prompts"}
+        raise AssertionError(f"engine run failed (rc={proc.returncode}) for {shown}:\n{tail}")
     return json.loads(lines[-1][len("RESULT "):])
 
 
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @contextlib.contextmanager
-def serve(preset: str, tmp_dir: Path, env: dict, extra: tuple[str, ...] = ()):
+def serve(preset: str | None, tmp_dir: Path, env: dict, extra: tuple[str, ...] = (), with_proc: bool = False):
     """The README's serve command with ``preset`` on a free loopback port;
-    yields ``(base_url, log_path)`` once ``/health`` answers."""
-    import time
+    yields ``(base_url, log_path)`` once ``/health`` answers (and the server
+    process when ``with_proc``). ``preset=None`` serves stock vLLM
+    (``--attention-backend CPU_ATTN``) through the same command."""
+    from vllm_adaptive.loadgen import served
 
-    import requests
-
-    port = _free_port()
-    log_path = tmp_dir / "server.log"
-    log = open(log_path, "w")
-    cmd = [sys.executable, "-m", "vllm_adaptive.cli", "serve", "--preset", preset,
-           "--port", str(port), "--max-model-len", "2048", "--enforce-eager",
-           "--max-num-seqs", "8", *extra]
-    proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, cwd=ROOT, env=env)
-    base = f"http://127.0.0.1:{port}"
-    deadline = time.time() + 600
-    try:
-        while True:
-            if proc.poll() is not None:
-                raise AssertionError(f"server exited rc={proc.returncode}:\n{log_path.read_text()[-5000:]}")
-            try:
-                if requests.get(base + "/health", timeout=2).status_code == 200:
-                    break
-            except requests.RequestException:
-                pass
-            if time.time() > deadline:
-                raise AssertionError(f"server not healthy in time:\n{log_path.read_text()[-5000:]}")
-            time.sleep(2)
-        yield base, log_path
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=60)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-        log.close()
+    args = ("--max-model-len", "2048", "--enforce-eager", "--max-num-seqs", "8", *extra)
+    with served(preset, args, env, tmp_dir / "server.log", cwd=ROOT) as (base, proc):
+        yield (base, tmp_dir / "server.log", proc) if with_proc else (base, tmp_dir / "server.log")
 
 
 def on_device(fn):

@@ -31,6 +31,9 @@ def main() -> None:
         enforce_eager=spec.get("enforce_eager", True),
         seed=0,
     )
+    for key in ("tensor_parallel_size", "pipeline_parallel_size", "distributed_executor_backend"):
+        if key in spec:
+            kwargs[key] = spec[key]
     if spec.get("metrics"):
         kwargs["disable_log_stats"] = False
     if "kv_cache_memory_bytes" in spec:
@@ -75,6 +78,7 @@ def main() -> None:
         with open(stats_path) as f:
             release = json.load(f)
     result = {
+        "rank_decisions": _rank_decisions(llm) if spec.get("rank_decisions") else None,
         "release": release,
         "metrics": metrics,
         "num_gpu_blocks": cache.num_gpu_blocks,
@@ -88,6 +92,18 @@ def main() -> None:
         "texts": [o.outputs[0].text for o in outs],
     }
     print("RESULT " + json.dumps(result), flush=True)
+
+
+def _rank_decisions(llm) -> list:
+    """Every worker rank's digest of the release decisions it applied."""
+
+    def digest(worker):
+        from vllm_adaptive.importance.channel import current_worker
+
+        w = current_worker()
+        return None if w is None else w.decision_digest()
+
+    return llm.collective_rpc(digest)
 
 
 def _backend_names(llm) -> list[str]:

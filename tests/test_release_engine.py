@@ -19,19 +19,9 @@ from __future__ import annotations
 import pytest
 
 from conftest import run_engine
-from vllm_adaptive.text import SAMPLE_PROMPTS
+from vllm_adaptive.text import SAMPLE_PROMPTS, warehouse_prompt as long_prompt
 
 pytestmark = pytest.mark.engine
-
-COLOURS = ["red", "blue", "green", "brown", "white"]
-
-
-def long_prompt(n_items: int, secret_at: int, code: str) -> str:
-    items = [f"Item {i}: a {COLOURS[i % 5]} box sits on shelf {i % 7}." for i in range(n_items)]
-    items.insert(secret_at, f"The secret code is {code}. Keep it in mind.")
-    return ("Here is a list of boxes in a small warehouse. " + " ".join(items)
-            + " Question: what is the secret code? Answer: the secret code is")
-
 
 SHORT = list(SAMPLE_PROMPTS[:5])
 LONG = [long_prompt(110, 5, "48213"), long_prompt(90, 60, "77105")]

@@ -5,6 +5,9 @@ HTTP errors and the server stays up."""
 
 from __future__ import annotations
 
+import re
+import time
+
 import pytest
 
 from conftest import engine_env, serve
@@ -33,6 +36,33 @@ def test_server_uses_adaptive(server):
     assert "adaptive_attention=longgen: 30 layers (10 full, 20 sink_window)" in text
     assert "prefix caching switched off" in text
     assert "VLLM_CPU_KVCACHE_SPACE=4" in text
+    # one start-up table: what each layer does and the capacity against full attention
+    assert "KV B/token @2048" in text and "with full attention:" in text
+
+
+def test_metrics_show_what_the_layers_save(server, client):
+    import requests
+
+    from vllm_adaptive.loadgen import metric
+
+    facts = " ".join(f"Fact {i}: the number {i} is followed by {i + 1}." for i in range(75))
+    client.completions.create(model="smollm2", prompt=facts, max_tokens=2, temperature=0)
+    text = requests.get(server[0] + "/metrics", timeout=10).text
+    # the gauges say what the start-up table said; here (2048-token context, vLLM's default
+    # 2048-token prefill chunk) a sparse layer's bound, sink + window + one chunk, is the
+    # whole context: 1.00x in vLLM's accounting, though blocks are freed as requests run
+    m = re.search(r"with full attention: ([0-9.]+)x the KV capacity", server[1].read_text())
+    capacity = metric(text, "vllm_adaptive:kv_capacity_vs_full")
+    assert m and round(capacity, 2) == float(m.group(1)) and capacity >= 1.0
+    saved = metric(text, "vllm_adaptive:kv_bytes_per_token_saved", layer_kind="sink_window")
+    assert saved is not None and saved >= 0
+    assert metric(text, "vllm_adaptive:kv_bytes_per_token_saved", layer_kind="full") == 0
+    # a 1.3K-token prompt: the sparse layers freed the blocks before their window
+    deadline = time.time() + 10
+    while (metric(text, "vllm_adaptive:kv_blocks_freed_total", layer_kind="sink_window") or 0) == 0:
+        assert time.time() < deadline, text[-2000:]
+        time.sleep(0.5)
+        text = requests.get(server[0] + "/metrics", timeout=10).text
 
 
 def test_prompt_longer_than_the_window(client):
@@ -77,3 +107,38 @@ def test_bad_requests_get_http_errors_and_server_survives(server, client):
     assert requests.get(server[0] + "/health", timeout=10).status_code == 200
     r = client.completions.create(model="smollm2", prompt="1, 2, 3,", max_tokens=4, temperature=0)
     assert r.choices[0].text
+
+
+BAD_BODIES = {
+    "prompt of the wrong type": {"model": "smollm2", "prompt": {"text": "hi"}, "max_tokens": 4},
+    "max_tokens a string": {"model": "smollm2", "prompt": "hi", "max_tokens": "four"},
+    "temperature a string": {"model": "smollm2", "prompt": "hi", "max_tokens": 4, "temperature": "hot"},
+    "negative n": {"model": "smollm2", "prompt": "hi", "max_tokens": 4, "n": -1},
+    "max_tokens beyond the context": {"model": "smollm2", "prompt": "hi", "max_tokens": 10**6},
+    "prompt token ids out of the vocabulary": {"model": "smollm2", "prompt": [10**9, 5], "max_tokens": 4},
+    "missing prompt": {"model": "smollm2", "max_tokens": 4},
+    "a 4 MB prompt": {"model": "smollm2", "prompt": "word " * 800_000, "max_tokens": 4},
+}
+
+
+@pytest.mark.parametrize("case", list(BAD_BODIES))
+def test_malformed_oversized_wrong_typed_requests_get_4xx(server, case):
+    import requests
+
+    r = requests.post(server[0] + "/v1/completions", json=BAD_BODIES[case], timeout=120)
+    assert 400 <= r.status_code < 500, (case, r.status_code, r.text[:300])
+    assert requests.get(server[0] + "/health", timeout=10).status_code == 200
+
+
+def test_chat_with_bad_messages_gets_4xx(server):
+    import requests
+
+    for body in ({"model": "smollm2", "messages": "hello", "max_tokens": 4},
+                 {"model": "smollm2", "messages": [{"role": "user", "content": "hi"}], "max_tokens": -5},
+                 {"model": "smollm2", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 4,
+                  "temperature": "warm"}):
+        r = requests.post(server[0] + "/v1/chat/completions", json=body, timeout=60)
+        assert 400 <= r.status_code < 500, (body, r.status_code, r.text[:300])
+    r = requests.post(server[0] + "/v1/completions", json={"model": "smollm2", "prompt": "1, 2,", "max_tokens": 3,
+                                                          "temperature": 0}, timeout=60)
+    assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] == 3

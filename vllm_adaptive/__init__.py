@@ -39,6 +39,9 @@ def register() -> None:
         from vllm_adaptive.kv import register_kv_specs
 
         register_kv_specs()
+        from vllm_adaptive.metrics import install_collector
+
+        install_collector()
         _registered = True
 
 

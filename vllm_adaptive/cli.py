@@ -78,7 +78,8 @@ def cmd_serve(ns: argparse.Namespace) -> int:
         args += ["--hf-overrides", json.dumps({"adaptive_attention": adaptive_value(ns.preset)})]
     if not any(a.startswith("--host") for a in args):
         args += ["--host", "127.0.0.1"]
-    _cpu_kv_space_default()
+    if not any(a.startswith("--kv-cache-memory-bytes") for a in args):
+        _cpu_kv_space_default()  # the variable would override an explicit size
     cmd = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", *args]
     print("+", " ".join(cmd), flush=True)
     os.execv(sys.executable, cmd)

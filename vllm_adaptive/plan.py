@@ -71,16 +71,20 @@ class ModelPlan:
 
         return self.layer(extract_layer_index(layer_name))
 
-    def table(self) -> str:
-        """One line per distinct (kind, pattern, format, path), with its layers."""
+    def table(self, extra: tuple[str, dict[int, str]] | None = None) -> str:
+        """One line per distinct (kind, pattern, format, path), with its layers.
+        ``extra`` = (column title, value per layer index) adds a column."""
         rows: dict[tuple, list[int]] = {}
         for p in self.layers:
             pat = p.pattern.describe() if p.pattern else "-"
             fmt = p.kv_format + (f"({p.kv_params.describe()})" if p.kv_params else "")
-            rows.setdefault((p.kind, pat, fmt, p.path), []).append(p.layer_idx)
-        lines = [f"{'kind':<12} {'pattern':<40} {'kv_format':<12} {'path':<9} layers"]
-        for (kind, pat, fmt, path), idx in rows.items():
-            lines.append(f"{kind:<12} {pat:<40} {fmt:<12} {path:<9} {_ranges(idx)}")
+            more = extra[1][p.layer_idx] if extra else ""
+            rows.setdefault((p.kind, pat, fmt, p.path, more), []).append(p.layer_idx)
+        title = f"{extra[0]:<22} " if extra else ""
+        lines = [f"{'kind':<12} {'pattern':<40} {'kv_format':<26} {'path':<9} {title}layers"]
+        for (kind, pat, fmt, path, more), idx in rows.items():
+            more = f"{more:<22} " if extra else ""
+            lines.append(f"{kind:<12} {pat:<40} {fmt:<26} {path:<9} {more}{_ranges(idx)}")
         return "\n".join(lines)
 
 

@@ -10,6 +10,8 @@ selection, and ``kv_spec_for_layer`` from ``Attention.get_kv_cache_spec``.
 
 from __future__ import annotations
 
+import os
+
 from typing import Any
 
 from vllm.logger import init_logger
@@ -148,8 +150,16 @@ def _setup_release(cfg: AdaptiveConfig, vllm_config: Any) -> None:
         if cfg.kinds[ctl.layer] != "release":
             raise ValueError(
                 f"{CONFIG_KEY}.release.controller: the controller reads layer {ctl.layer}'s "
-                f"values, but that layer is {cfg.kinds[ctl.layer]!r}, not a release layer"
+                f"values, but the layer map (layer_kinds / full_layers / default_kind) makes that "
+                f"layer {cfg.kinds[ctl.layer]!r}, not a release layer; make layer {ctl.layer} a "
+                "release layer, set release.scorer to h2o, recent or quest, or pass a controller "
+                "trained on a release layer"
             )
+
+
+#: set once the start-up table is logged; processes that inherit it (the
+#: engine core of a server) log it again only for another metrics folder
+_LOGGED_ENV = "VLLM_ADAPTIVE_PLAN_LOGGED"
 
 
 def finalize_vllm_config(vllm_config: Any) -> None:
@@ -161,7 +171,69 @@ def finalize_vllm_config(vllm_config: Any) -> None:
     from vllm_adaptive.plan import plan_for
 
     plan = plan_for(vllm_config)
-    logger.info("%s\n%s", plan.config.summary(), plan.table())
+    from vllm_adaptive.metrics import METRICS_DIR_ENV, publish_static
+
+    import hashlib
+
+    key = hashlib.sha1(f"{plan.table()}|{vllm_config.model_config.max_model_len}".encode()).hexdigest()[:12]
+    if os.environ.get(_LOGGED_ENV) == f"{os.environ.get(METRICS_DIR_ENV)}:{key}":
+        return  # the engine core of a server that already logged and published this plan
+    rows, ratio = capacity_rows(vllm_config)
+    per_layer = {r["layer"]: f"{r['bytes_per_token']:.0f} ({r['bytes_per_token'] / r['full_bytes_per_token']:.0%} of full)"
+                 for r in rows}
+    L = vllm_config.model_config.max_model_len
+    ours = sum(r["bytes_per_token"] for r in rows) * L
+    full = sum(r["full_bytes_per_token"] for r in rows) * L
+    logger.info(
+        "%s\n%s\nKV per request at max_model_len=%d: %.1f MiB against %.1f MiB with full "
+        "attention: %.2fx the KV capacity (before vLLM pads pages; its 'KV cache size' line "
+        "below is the count that admits requests)",
+        plan.config.summary(), plan.table(extra=(f"KV B/token @{L}", per_layer)),
+        L, ours / 2**20, full / 2**20, ratio)
+    publish_static(_by_kind(rows, plan), ratio)
+    os.environ[_LOGGED_ENV] = f"{os.environ[METRICS_DIR_ENV]}:{key}"
+
+
+def capacity_rows(vllm_config: Any) -> tuple[list[dict[str, Any]], float]:
+    """Per layer: KV bytes per token at ``max_model_len`` (a request's bound
+    divided by the length) with its ADAPTIVE spec and with full attention in
+    the model dtype, and the capacity ratio full / ours over all layers."""
+    from vllm.utils.torch_utils import kv_cache_dtype_str_to_dtype
+    from vllm.v1.kv_cache_interface import FullAttentionSpec
+
+    from vllm_adaptive.config import num_layers_of
+
+    model = vllm_config.model_config
+    full = FullAttentionSpec(
+        block_size=vllm_config.cache_config.block_size,
+        num_kv_heads=model.get_num_kv_heads(vllm_config.parallel_config),
+        head_size=model.get_head_size(),
+        dtype=kv_cache_dtype_str_to_dtype(vllm_config.cache_config.cache_dtype, model),
+    )
+    L = model.max_model_len
+    full_bpt = full.max_memory_usage_bytes(vllm_config) / L
+    rows = []
+    for i in range(num_layers_of(model.hf_config)):
+        spec = kv_spec_for_layer(f"model.layers.{i}.self_attn.attn", full, vllm_config)
+        rows.append({"layer": i, "bytes_per_token": spec.max_memory_usage_bytes(vllm_config) / L,
+                     "full_bytes_per_token": full_bpt})
+    ratio = sum(r["full_bytes_per_token"] for r in rows) / sum(r["bytes_per_token"] for r in rows)
+    return rows, ratio
+
+
+def _by_kind(rows: list[dict[str, Any]], plan) -> list[dict[str, Any]]:
+    out: dict[tuple[str, str], dict[str, Any]] = {}
+    for r in rows:
+        lp = plan.layers[r["layer"]]
+        agg = out.setdefault((lp.kind, lp.kv_format), {"kind": lp.kind, "kv_format": lp.kv_format, "layers": 0,
+                                                       "bytes_per_token": 0.0, "full_bytes_per_token": 0.0})
+        agg["layers"] += 1
+        agg["bytes_per_token"] += r["bytes_per_token"]
+        agg["full_bytes_per_token"] += r["full_bytes_per_token"]
+    for agg in out.values():  # per-layer means; publish_static multiplies by layers
+        agg["bytes_per_token"] /= agg["layers"]
+        agg["full_bytes_per_token"] /= agg["layers"]
+    return list(out.values())
 
 
 def kv_spec_for_layer(layer_name: str, spec, vllm_config: Any):

@@ -113,3 +113,16 @@ SAMPLE_PROMPTS: tuple[str, ...] = (
     "List three colours: red, green,",
     "Translate to French: 'The cat sleeps on the warm windowsill every afternoon.'",
 )
+
+
+_COLOURS = ("red", "blue", "green", "brown", "white")
+
+
+def warehouse_prompt(n_items: int, secret_at: int, code: str) -> str:
+    """A list of ``n_items`` boxes with a secret code hidden at item
+    ``secret_at``, ending in the question (about 14 tokens per item): the
+    long prompts of the release, Ray and load checks."""
+    items = [f"Item {i}: a {_COLOURS[i % 5]} box sits on shelf {i % 7}." for i in range(n_items)]
+    items.insert(secret_at, f"The secret code is {code}. Keep it in mind.")
+    return ("Here is a list of boxes in a small warehouse. " + " ".join(items)
+            + " Question: what is the secret code? Answer: the secret code is")

@@ -44,6 +44,7 @@ never delays freeing a finished request's blocks.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 from dataclasses import asdict, dataclass, field
@@ -137,6 +138,10 @@ class AdoreConnector(KVConnectorBase_V1, SupportsHMA):
             self.host_kmin: dict[str, torch.Tensor] = {}  # layer -> [host_blocks, Hkv, D]
             self.host_kmax: dict[str, torch.Tensor] = {}
             self.copies = {"out": 0, "in": 0}
+            # running digest of every decision this rank applied (tests compare
+            # it across TP/PP ranks: they must execute the same releases)
+            self.decisions = hashlib.sha256()
+            self.tables_applied = 0
         else:
             from vllm_adaptive.kv.release import ScoreStore
 
@@ -242,6 +247,10 @@ class AdoreConnector(KVConnectorBase_V1, SupportsHMA):
         assert isinstance(meta, AdoreMeta)
         for req in meta.finished:
             self.importance.forget(req)
+        self.decisions.update(repr((sorted(meta.copies_out.items()), sorted(meta.copies_in.items()),
+                                    sorted(meta.req_of.items()), sorted(meta.tables.items()),
+                                    sorted(meta.host_of.items()))).encode())
+        self.tables_applied += len(meta.tables)
         for g, layers in self.groups.items():
             out, into = meta.copies_out.get(g, ()), meta.copies_in.get(g, ())
             if not out and not into:
@@ -262,6 +271,10 @@ class AdoreConnector(KVConnectorBase_V1, SupportsHMA):
                     cache[blocks] = host[slots].to(cache.device)
             self.copies["out"] += len(out)
             self.copies["in"] += len(into)
+
+    def decision_digest(self) -> dict[str, Any]:
+        """What this rank applied: a digest of every step's decisions, and counts."""
+        return {"digest": self.decisions.hexdigest(), "tables": self.tables_applied, **self.copies}
 
     def host_minmax(self, layer: str, slots: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
         idx = torch.tensor(slots)

@@ -37,6 +37,7 @@ from vllm.v1.core.kv_cache_utils import KVCacheBlock
 from vllm.v1.core.single_type_kv_cache_manager import FullAttentionManager, SingleTypeKVCacheManager
 
 from vllm_adaptive.kv.specs import NULL_BLOCK_ID, SparsePatternSpec
+from vllm_adaptive.metrics import counters
 from vllm_adaptive.pattern import cdiv
 
 
@@ -44,6 +45,7 @@ class SparsePatternManager(SingleTypeKVCacheManager):
     def __init__(self, kv_cache_spec: SparsePatternSpec, **kwargs) -> None:
         super().__init__(kv_cache_spec, **kwargs)
         self.pattern = kv_cache_spec.pattern
+        self._kind = "strided" if self.pattern.vert_stride else "sink_window"  # metrics label
         if self._null_block.block_id != NULL_BLOCK_ID:
             raise RuntimeError(
                 f"vLLM's null block has id {self._null_block.block_id}, not "
@@ -136,6 +138,7 @@ class SparsePatternManager(SingleTypeKVCacheManager):
         self._cursor[request_id] = b
         if freed:
             self.block_pool.free_blocks(freed)
+            counters().add(self._kind, "freed", len(freed))
 
     def get_num_skipped_tokens(self, num_computed_tokens: int) -> int:
         return 0  # remove_skipped_blocks is overridden; nothing is a prefix

@@ -48,6 +48,7 @@ from vllm.v1.core.kv_cache_utils import KVCacheBlock
 from vllm.v1.core.single_type_kv_cache_manager import SingleTypeKVCacheManager
 
 from vllm_adaptive.kv.specs import NULL_BLOCK_ID, ReleaseBudgetSpec
+from vllm_adaptive.metrics import counters
 from vllm_adaptive.pattern import cdiv
 
 
@@ -161,6 +162,7 @@ class ReleaseManager(SingleTypeKVCacheManager):
         blocks[i] = self._null_block
         freed.append(blk)
         self.stats.released += 1
+        counters().add("release", "released")
         self._modified.add(req)
         self._pinned.get(req, set()).discard(i)
         if self._free_slots:
@@ -171,6 +173,7 @@ class ReleaseManager(SingleTypeKVCacheManager):
             self.stats.host_peak = max(self.stats.host_peak, used)
         else:
             self.stats.dropped += 1
+            counters().add("release", "dropped")
 
     def _score_key(self, req: str, i: int) -> tuple[float, int]:
         if self._index_scorer is not None:  # scheduler-side (``recent``): no worker scores
@@ -200,6 +203,7 @@ class ReleaseManager(SingleTypeKVCacheManager):
             self._choose_rebuilds(req, blocks, candidates, freed)
         if freed:
             self.block_pool.free_blocks(freed)
+            counters().add("release", "freed", len(freed))
         if self._to_rebuild:
             self._rebuild(req, blocks)
         self.stats.peak_after_release = max(self.stats.peak_after_release, self.num_held_blocks(req))
@@ -231,6 +235,7 @@ class ReleaseManager(SingleTypeKVCacheManager):
             self._copies_in.append((slot, new.block_id))
             self._pinned.setdefault(req, set()).add(i)
             self.stats.rebuilt += 1
+            counters().add("release", "rebuilt")
             self.stats.per_request_rebuilt[req] = self.stats.per_request_rebuilt.get(req, 0) + 1
         self._to_rebuild = []
 

@@ -1,0 +1,178 @@
+"""Faults while serving, ADAPTIVE (``longgen``) beside stock vLLM (CPU_ATTN).
+
+Each fault runs against a fresh server of each kind, with the same requests,
+and the test asserts what both do, so a difference from stock fails:
+
+* **A worker process killed (SIGKILL) mid-request**: vLLM does not recover.
+  Its EngineCore sees the worker die, the API server fails every in-flight
+  request (HTTP 5xx, or a stream that ends with an error event and no
+  ``[DONE]``) and then exits on its own. No request may get a 200 with a
+  shortened answer, and the server must not hang.
+* **SIGTERM to the server during a burst**: vLLM 0.32 aborts the engine at
+  once (``shutdown_timeout`` 0) and then uvicorn waits for open connections
+  to close: non-streamed requests fail (HTTP 5xx or a dropped connection),
+  while open streams get neither an error nor ``[DONE]`` until the client
+  gives up (``no_answer``, after ``PATIENCE_S``); then the server exits. No
+  request gets a 200 with a truncated text, and the server exits within
+  ``EXIT_WITHIN_S`` of the client giving up.
+* A client that disconnects mid-stream is recovered from: see
+  ``test_load.py`` (aborted streams and dropped connections inside the load,
+  then KV usage back to 0 and the server answering).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import signal
+import time
+
+import psutil
+import pytest
+import requests
+
+from conftest import engine_env, serve
+
+pytestmark = pytest.mark.server
+
+KINDS = {"adaptive": "longgen", "stock": None}
+EXIT_WITHIN_S = 60  # after the client stopped waiting
+PATIENCE_S = 30  # how long the client waits for answers after the fault
+LONG = " ".join(f"Fact {i}: the number {i} is followed by {i + 1}." for i in range(60))
+
+
+async def _request(client, base: str, i: int, max_tokens: int) -> dict:
+    """One request; what the client saw, classified."""
+    stream = i % 2 == 0
+    body = {"model": "smollm2", "prompt": LONG if i % 3 == 0 else f"Count to {i}:", "max_tokens": max_tokens,
+            "temperature": 0, "ignore_eos": True, "stream": stream}
+    try:
+        if not stream:
+            r = await client.post(base + "/v1/completions", json=body)
+            if r.status_code != 200:
+                return {"outcome": "error_status", "status": r.status_code}
+            n = r.json()["usage"]["completion_tokens"]
+            return {"outcome": "complete" if n == max_tokens else "truncated_200", "tokens": n}
+        chunks, done, error = 0, False, False
+        async with client.stream("POST", base + "/v1/completions", json=body) as r:
+            if r.status_code != 200:
+                return {"outcome": "error_status", "status": r.status_code}
+            async for line in r.aiter_lines():
+                if line == "data: [DONE]":
+                    done = True
+                elif line.startswith("data: "):
+                    data = json.loads(line[6:])
+                    if "error" in data:
+                        error = True
+                    elif data.get("choices"):
+                        chunks += 1
+        if done and not error:
+            return {"outcome": "complete" if chunks == max_tokens else "truncated_200", "tokens": chunks}
+        return {"outcome": "stream_error" if error else "stream_cut", "tokens": chunks}
+    except Exception as e:  # noqa: BLE001 - the outcome is what we test
+        return {"outcome": "connection_error", "error": type(e).__name__}
+
+
+async def _burst(base: str, n: int, max_tokens: int, fault, fault_after_s: float) -> list[dict]:
+    """``n`` requests, the fault after ``fault_after_s``; requests with no
+    outcome ``PATIENCE_S`` later are abandoned by the client (``no_answer``)."""
+    import httpx
+
+    async with httpx.AsyncClient(timeout=300, limits=httpx.Limits(max_connections=n + 4)) as client:
+        tasks = [asyncio.create_task(_request(client, base, i, max_tokens)) for i in range(n)]
+        await asyncio.sleep(fault_after_s)
+        fault()
+        done, pending = await asyncio.wait(tasks, timeout=PATIENCE_S)
+        for t in pending:
+            t.cancel()  # the client gives up: closes its connection
+        await asyncio.gather(*pending, return_exceptions=True)
+        return [t.result() if t in done else {"outcome": "no_answer"} for t in tasks]
+
+
+def _wait_exit(proc, timeout: float) -> float | None:
+    t0 = time.time()
+    try:
+        proc.wait(timeout=timeout)
+        return time.time() - t0
+    except Exception:  # noqa: BLE001 - subprocess.TimeoutExpired
+        return None
+
+
+def _worker_pids(server_pid: int) -> list[int]:
+    """The model-runner processes under the server (vLLM titles them VLLM::Worker...)."""
+    out = []
+    for p in psutil.Process(server_pid).children(recursive=True):
+        try:
+            title = " ".join(p.cmdline()) + " " + p.name()
+        except psutil.Error:
+            continue
+        if "Worker" in title:
+            out.append(p.pid)
+    return out
+
+
+def _start(kind: str, tmp, **kw):
+    env = engine_env()
+    return serve(KINDS[kind], tmp, env, ("--max-num-seqs", "4"), with_proc=True)
+
+
+_results: dict[tuple[str, str], dict] = {}
+
+
+def _scenario(fault: str, kind: str, tmp_path_factory) -> dict:
+    if (fault, kind) in _results:
+        return _results[(fault, kind)]
+    with _start(kind, tmp_path_factory.mktemp(f"{fault}-{kind}")) as (base, log, proc):
+        if fault == "kill_worker":
+            workers = _worker_pids(proc.pid)
+            assert workers, "no worker process found under the server"
+
+            def act():
+                for pid in workers:
+                    psutil.Process(pid).send_signal(signal.SIGKILL)
+        else:
+            workers = []
+
+            def act():
+                proc.send_signal(signal.SIGTERM)
+
+        outcomes = asyncio.run(_burst(base, 12, 64, act, fault_after_s=3.0))
+        exit_s = _wait_exit(proc, EXIT_WITHIN_S)
+        try:
+            after = requests.get(base + "/health", timeout=5).status_code
+        except requests.RequestException:
+            after = None
+        res = {"outcomes": outcomes, "exit_s": exit_s, "rc": proc.returncode, "health_after": after,
+               "workers": workers, "log": log.read_text()[-4000:]}
+    _results[(fault, kind)] = res
+    return res
+
+
+def _counts(res: dict) -> dict[str, int]:
+    c: dict[str, int] = {}
+    for o in res["outcomes"]:
+        c[o["outcome"]] = c.get(o["outcome"], 0) + 1
+    return c
+
+
+@pytest.mark.parametrize("kind", list(KINDS))
+@pytest.mark.parametrize("fault", ["kill_worker", "sigterm"])
+def test_fault_ends_the_server_without_silent_answers(fault, kind, tmp_path_factory):
+    res = _scenario(fault, kind, tmp_path_factory)
+    counts = _counts(res)
+    print(kind, fault, counts, "exit after", res["exit_s"], "s, rc", res["rc"])
+    assert res["exit_s"] is not None, f"server still running {EXIT_WITHIN_S} s after {fault}:\n{res['log']}"
+    assert res["health_after"] is None
+    assert "truncated_200" not in counts, counts
+    assert counts.get("complete", 0) < len(res["outcomes"]), "the fault came too late to hit a request"
+
+
+def test_adaptive_faults_end_like_stock(tmp_path_factory):
+    """Same fault, same kind of ending: exit (never recovery) and the same
+    set of ways requests fail."""
+    for fault in ("kill_worker", "sigterm"):
+        ours, stock = _scenario(fault, "adaptive", tmp_path_factory), _scenario(fault, "stock", tmp_path_factory)
+        assert (ours["exit_s"] is None) == (stock["exit_s"] is None)
+        assert (ours["rc"] == 0) == (stock["rc"] == 0), (fault, ours["rc"], stock["rc"])
+        failed = lambda r: {k for k in _counts(r) if k != "complete"}  # noqa: E731
+        assert failed(ours) <= failed(stock) | {"connection_error"}, (fault, _counts(ours), _counts(stock))
