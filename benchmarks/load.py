@@ -13,7 +13,7 @@ For each server (stock CPU_ATTN first, then each preset), on loopback:
    dataset): requests/s, TTFT and inter-token latency p50/p99.
 
     python benchmarks/load.py                       # stock, full, longgen, kivi4, adore
-    python benchmarks/load.py --servers stock adore --bench-prompts 32
+    python benchmarks/load.py --servers stock longgen kivi4 adore
 
 The KV pool is fixed (``--kv-bytes``) and small enough that stock vLLM must
 preempt under the mix, so what each preset's capacity buys shows as fewer
@@ -34,7 +34,8 @@ from common import RESULTS, meta
 SERVERS = {
     "stock": None,
     "full": "full",
-    "longgen": "longgen",
+    # window 256: at a 1024-token context LongGen's default window (768) would keep everything
+    "longgen": json.dumps({"preset": "longgen", "sink_window": {"sink": 64, "window": 256, "block": 32}}),
     "kivi4": "kivi4",
     "adore": json.dumps({"preset": "adore", "release": {"budget": 512, "sink": 64, "recent": 128,
                                                         "prefill_chunk": 128}}),
@@ -77,7 +78,8 @@ def run_server(name: str, preset: str | None, ns, mix, model_path: str, workdir:
     env.pop("VLLM_CPU_KVCACHE_SPACE", None)
     env["VLLM_ADAPTIVE_AUDIT"] = "1"
     args = ("--dtype", ns.dtype, "--max-model-len", str(ns.max_model_len), "--max-num-seqs", "16",
-            "--max-num-batched-tokens", "512", "--kv-cache-memory-bytes", str(ns.kv_bytes), "--enforce-eager")
+            "--max-num-batched-tokens", str(ns.chunk), "--block-size", "32",
+            "--kv-cache-memory-bytes", str(ns.kv_bytes), "--enforce-eager")
     log = workdir / f"{name}.log"
     out: dict = {"server": name, "preset": preset or "stock CPU_ATTN"}
     with served(preset, args, env, log) as (base, _):
@@ -145,10 +147,12 @@ def main() -> None:
     p.add_argument("--servers", nargs="+", default=list(SERVERS), choices=list(SERVERS))
     p.add_argument("--requests", type=int, default=100)
     p.add_argument("--max-model-len", type=int, default=1024)
-    p.add_argument("--kv-bytes", type=int, default=64 * 2**20)
-    p.add_argument("--dtype", default="bfloat16")
-    p.add_argument("--bench-prompts", type=int, default=48)
-    p.add_argument("--bench-input", type=int, default=512)
+    p.add_argument("--kv-bytes", type=int, default=96 * 2**20)
+    p.add_argument("--chunk", type=int, default=256, help="--max-num-batched-tokens")
+    # float32: this CPU has no fast bfloat16 GEMMs (bf16 prefill ran at ~50-110 tok/s here)
+    p.add_argument("--dtype", default="float32")
+    p.add_argument("--bench-prompts", type=int, default=32)
+    p.add_argument("--bench-input", type=int, default=256)
     p.add_argument("--bench-output", type=int, default=32)
     p.add_argument("--bench-concurrency", type=int, default=16)
     p.add_argument("--out", default=str(RESULTS / "load.json"))

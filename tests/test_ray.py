@@ -10,19 +10,19 @@ parallelism (PP=2); the tokens must be equal. Release presets run with a
 small budget so blocks really are released, and every rank must have applied
 the same decisions (a digest of every step's connector metadata).
 
-Tensor parallelism sums the row-parallel projections across ranks, so hidden
-states differ from one process in the last float32 bits. Continuous outputs
-absorb that; discrete decisions taken on a near tie do not: an int4 KIVI code
-on a rounding boundary (hence ``kivi8`` here) or a rebuild swap whose two
-Quest bounds are within rounding (one swap in 160 flipped in a run of
-``adore`` at TP=3: same decision digest on all three ranks, one release and
-one rebuild fewer than one process, different tokens on one long prompt).
-So under TP the release case runs the GRU scorer without rebuild and must
-release exactly as one process; pipeline parallelism passes hidden states
-unchanged and runs rebuild too, with the same tokens, but keeps one batch per
-stage in flight, so scores reach the scheduler a batch later and the release
-counts may differ from one process. The whole
-preset x {TP=3, PP=2} matrix is ``benchmarks/ray_presets.py``.
+Tensor parallelism sums the row-parallel projections across ranks, and every
+rank splits its GEMMs over its own threads, so hidden states differ from one
+process in the last float32 bits. Continuous outputs absorb that; discrete
+decisions taken on a near tie do not: an int4 KIVI code on a rounding
+boundary (hence ``kivi8`` here; ``kivi4`` differed on one long prompt) or a
+rebuild swap whose two Quest bounds are within rounding (``adore`` at TP=3
+once released 219 blocks against 220 and answered one long prompt
+differently; all ranks applied identical decisions). So under TP the release
+case runs the GRU scorer without rebuild and must release exactly as one
+process; the PP case runs rebuild too, with the same tokens, but vLLM keeps
+one batch per stage in flight, so scores reach the scheduler a batch later
+and the release counts may differ from one process. The whole preset x
+{TP=3, PP=2} matrix is ``benchmarks/ray_presets.py``.
 """
 
 from __future__ import annotations
