@@ -9,12 +9,12 @@ and the test asserts what both do, so a difference from stock fails:
   ``[DONE]``) and then exits on its own. No request may get a 200 with a
   shortened answer, and the server must not hang.
 * **SIGTERM to the server during a burst**: vLLM 0.32 aborts the engine at
-  once (``shutdown_timeout`` 0) and then uvicorn waits for open connections
-  to close: non-streamed requests fail (HTTP 5xx or a dropped connection),
-  while open streams get neither an error nor ``[DONE]`` until the client
-  gives up (``no_answer``, after ``PATIENCE_S``); then the server exits. No
-  request gets a 200 with a truncated text, and the server exits within
-  ``EXIT_WITHIN_S`` of the client giving up.
+  once (``shutdown_timeout`` 0) and uvicorn waits for open connections to
+  close. Whether requests see the abort first is a race: they fail visibly
+  (stream error events, HTTP 5xx) or get no answer until the client gives up
+  (``no_answer``, after ``PATIENCE_S``); both servers have done both. Then the
+  server exits. No request gets a 200 with a truncated text, and the server
+  exits within ``EXIT_WITHIN_S`` of the client giving up.
 * A client that disconnects mid-stream is recovered from: see
   ``test_load.py`` (aborted streams and dropped connections inside the load,
   then KV usage back to 0 and the server answering).
@@ -168,11 +168,17 @@ def test_fault_ends_the_server_without_silent_answers(fault, kind, tmp_path_fact
 
 
 def test_adaptive_faults_end_like_stock(tmp_path_factory):
-    """Same fault, same kind of ending: exit (never recovery) and the same
-    set of ways requests fail."""
+    """Same fault, same kind of ending: the server exits (never recovers),
+    with the same exit status. After a killed worker the requests also fail
+    the same ways. After SIGTERM vLLM races its engine abort against the HTTP
+    shutdown: both servers have failed every request visibly (6 stream
+    errors, 6 HTTP 500) in one run and left all of them unanswered until the
+    client gave up in another, so only "no silent truncation" (the test
+    above) is compared there."""
     for fault in ("kill_worker", "sigterm"):
         ours, stock = _scenario(fault, "adaptive", tmp_path_factory), _scenario(fault, "stock", tmp_path_factory)
         assert (ours["exit_s"] is None) == (stock["exit_s"] is None)
         assert (ours["rc"] == 0) == (stock["rc"] == 0), (fault, ours["rc"], stock["rc"])
-        failed = lambda r: {k for k in _counts(r) if k != "complete"}  # noqa: E731
-        assert failed(ours) <= failed(stock) | {"connection_error"}, (fault, _counts(ours), _counts(stock))
+        if fault == "kill_worker":
+            failed = lambda r: {k for k in _counts(r) if k != "complete"}  # noqa: E731
+            assert failed(ours) <= failed(stock) | {"connection_error"}, (fault, _counts(ours), _counts(stock))
