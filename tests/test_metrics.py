@@ -46,12 +46,11 @@ def test_counters_reach_the_collector(metrics_dir):
     c.add("release", "released", 3)
     c.add("release", "freed", 3)
     c.add("release", "rebuilt", 1)
-    metrics.publish_static([
-        {"kind": "sink_window", "kv_format": "model_dtype", "layers": 20, "bytes_per_token": 100.0,
-         "full_bytes_per_token": 768.0},
-        {"kind": "full", "kv_format": "model_dtype", "layers": 10, "bytes_per_token": 768.0,
-         "full_bytes_per_token": 768.0},
-    ], 2.6)
+    metrics.publish_static(
+        [{"kind": "sink_window", "kv_format": "model_dtype", "bytes_per_token": 100.0,
+          "full_bytes_per_token": 768.0}] * 20
+        + [{"kind": "full", "kv_format": "model_dtype", "bytes_per_token": 768.0,
+            "full_bytes_per_token": 768.0}] * 10, 2.6)
     _wait_for(lambda: list(metrics_dir.glob("engine-*.json")))
     text = _scrape()
     assert metric(text, "vllm_adaptive:kv_blocks_freed_total", layer_kind="sink_window") == 5

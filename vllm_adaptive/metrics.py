@@ -159,8 +159,10 @@ def _write_json(path: str, data: dict) -> None:
 
 # ---------------------------------------------------------------- start-up
 def publish_static(rows: list[dict[str, Any]], capacity_vs_full: float) -> None:
-    """Write what start-up computed (per kind/format KV bytes saved per
-    token, capacity against full attention) for the API server's collector."""
+    """Write what start-up computed for the API server's collector: the KV
+    bytes per token saved, summed over the ``rows`` (one per layer, with its
+    ``kind`` and ``kv_format``) of each kind and format, and the capacity
+    against full attention."""
     d = os.environ.get(METRICS_DIR_ENV)
     if not d:
         d = tempfile.mkdtemp(prefix="vllm-adaptive-metrics-")
@@ -172,7 +174,7 @@ def publish_static(rows: list[dict[str, Any]], capacity_vs_full: float) -> None:
     saved: dict[str, float] = {}
     for r in rows:
         key = f"{r['kind']}|{r['kv_format']}"
-        saved[key] = saved.get(key, 0.0) + r["layers"] * (r["full_bytes_per_token"] - r["bytes_per_token"])
+        saved[key] = saved.get(key, 0.0) + r["full_bytes_per_token"] - r["bytes_per_token"]
     _write_json(os.path.join(d, "static.json"), {"saved_bytes_per_token": saved,
                                                   "capacity_vs_full": capacity_vs_full})
 

@@ -190,7 +190,9 @@ def finalize_vllm_config(vllm_config: Any) -> None:
         "below is the count that admits requests)",
         plan.config.summary(), plan.table(extra=(f"KV B/token @{L}", per_layer)),
         L, ours / 2**20, full / 2**20, ratio)
-    publish_static(_by_kind(rows, plan), ratio)
+    for r in rows:
+        r["kind"], r["kv_format"] = plan.layers[r["layer"]].kind, plan.layers[r["layer"]].kv_format
+    publish_static(rows, ratio)
     os.environ[_LOGGED_ENV] = f"{os.environ[METRICS_DIR_ENV]}:{key}"
 
 
@@ -219,21 +221,6 @@ def capacity_rows(vllm_config: Any) -> tuple[list[dict[str, Any]], float]:
                      "full_bytes_per_token": full_bpt})
     ratio = sum(r["full_bytes_per_token"] for r in rows) / sum(r["bytes_per_token"] for r in rows)
     return rows, ratio
-
-
-def _by_kind(rows: list[dict[str, Any]], plan) -> list[dict[str, Any]]:
-    out: dict[tuple[str, str], dict[str, Any]] = {}
-    for r in rows:
-        lp = plan.layers[r["layer"]]
-        agg = out.setdefault((lp.kind, lp.kv_format), {"kind": lp.kind, "kv_format": lp.kv_format, "layers": 0,
-                                                       "bytes_per_token": 0.0, "full_bytes_per_token": 0.0})
-        agg["layers"] += 1
-        agg["bytes_per_token"] += r["bytes_per_token"]
-        agg["full_bytes_per_token"] += r["full_bytes_per_token"]
-    for agg in out.values():  # per-layer means; publish_static multiplies by layers
-        agg["bytes_per_token"] /= agg["layers"]
-        agg["full_bytes_per_token"] /= agg["layers"]
-    return list(out.values())
 
 
 def kv_spec_for_layer(layer_name: str, spec, vllm_config: Any):
