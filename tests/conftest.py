@@ -43,6 +43,10 @@ def model_path() -> str:
 
 def engine_env() -> dict:
     env = dict(os.environ)
+    # set in this process by any in-process start-up (test_config_fuzz, ...): each
+    # engine or server gets its own metrics directory and logs its own plan table
+    env.pop("VLLM_ADAPTIVE_METRICS_DIR", None)
+    env.pop("VLLM_ADAPTIVE_PLAN_LOGGED", None)
     env.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
     env.pop("TRITON_INTERPRET", None)
     return env

@@ -261,7 +261,8 @@ def test_release_startup_installs_the_connector_and_checks_the_controller():
     # the shipped controller reads layer 2: it must be a release layer
     kinds = ["release"] * 30
     kinds[2] = "full"
-    with pytest.raises(ValueError, match=r"release\.controller: the controller reads layer 2's values, but that layer is 'full'"):
+    with pytest.raises(ValueError, match=r"release\.controller: the controller reads layer 2's values, but the layer map "
+                       r"\(layer_kinds / full_layers / default_kind\) makes that layer 'full', not a release layer"):
         _setup_release(parse_config({"preset": "adore", "layer_kinds": kinds}, 30), _fake_vllm_config())
     other = SimpleNamespace(kv_connector="NixlConnector")
     with pytest.raises(ValueError, match=r"release layers need their own KV connector \(AdoreConnector\), but --kv-transfer-config sets 'NixlConnector'"):

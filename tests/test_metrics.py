@@ -9,6 +9,7 @@
 
 from __future__ import annotations
 
+import os
 import time
 
 import pytest
@@ -63,6 +64,34 @@ def test_counters_reach_the_collector(metrics_dir):
     # later counts replace the file: the scrape is current, not cumulative twice
     c.add("sink_window", "freed", 2)
     _wait_for(lambda: metric(_scrape(), "vllm_adaptive:kv_blocks_freed_total", layer_kind="sink_window") == 7)
+
+
+def test_an_ended_engines_file_is_not_counted(metrics_dir):
+    """A directory inherited by a second server (or a second ``LLM`` in one
+    process) still holds the first engine's last file: its counts and audit
+    must not add to the live engine's (CI once summed three earlier servers'
+    mid-request audits into a 'leak')."""
+    import json
+    import subprocess
+
+    from vllm_adaptive.loadgen import metric
+
+    ended = subprocess.Popen(["true"])
+    ended.wait()
+    stale = {"kinds": {"sink_window": {"freed": 40, "released": 0, "dropped": 0, "rebuilt": 0}},
+             "audit": {"double_frees": 2, "idle_audits": 3, "leaked_blocks": 16, "pool_blocks": 100,
+                       "pool_free_blocks": 84, "current": 1}}
+    (metrics_dir / f"engine-{ended.pid}.json").write_text(json.dumps(stale))
+    (metrics_dir / "engine-notapid.json").write_text(json.dumps(stale))
+    c = metrics.counters()
+    c.add("sink_window", "freed", 5)
+    _wait_for(lambda: (metrics_dir / f"engine-{os.getpid()}.json").exists())
+    text = _scrape()
+    assert metric(text, "vllm_adaptive:kv_blocks_freed_total", layer_kind="sink_window") == 5
+    # the same file under a live pid is counted (the filter is by liveness, not by name)
+    (metrics_dir / "engine-1.json").write_text(json.dumps(stale))
+    text = _scrape()
+    assert metric(text, "vllm_adaptive:kv_blocks_freed_total", layer_kind="sink_window") == 45
 
 
 def test_audit_catches_a_double_free_and_a_leak(metrics_dir, monkeypatch):

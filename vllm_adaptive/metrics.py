@@ -194,7 +194,7 @@ class AdaptiveCollector:
             return
         static = _read_json(os.path.join(d, "static.json")) or {}
         engines = [e for p in sorted(glob.glob(os.path.join(d, "engine-*.json")))
-                   if (e := _read_json(p)) is not None]
+                   if _alive(p) and (e := _read_json(p)) is not None]
         help_ = {
             "freed": "KV blocks ADAPTIVE layers returned to vLLM's pool before their request ended",
             "released": "KV blocks release layers gave up for a low importance score",
@@ -235,6 +235,24 @@ class AdaptiveCollector:
                 fam = kind(f"vllm_adaptive:kv_pool_{name}", text)
                 fam.add_metric([], sum(e.get("audit", {}).get(field, 0) for e in engines))
                 yield fam
+
+
+def _alive(path: str) -> bool:
+    """Whether the engine that wrote ``engine-<pid>.json`` still runs: a
+    directory that outlives an engine (an earlier server or ``LLM`` started
+    from the same process, which inherits the directory) must not add that
+    engine's last counts to this one's."""
+    try:
+        pid = int(os.path.basename(path)[len("engine-"):-len(".json")])
+    except ValueError:
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # alive, another user's
+        return True
+    return True
 
 
 def _read_json(path: str) -> dict | None:
