@@ -12,7 +12,7 @@ For each server (stock CPU_ATTN first, then each preset), on loopback:
 2. **vLLM's own serving benchmark** (``vllm.benchmarks.serve``, random
    dataset): requests/s, TTFT and inter-token latency p50/p99.
 
-    python benchmarks/load.py                       # stock, full, longgen, kivi4, adore
+    python benchmarks/load.py                       # every server below
     python benchmarks/load.py --servers stock longgen kivi4 adore
 
 The KV pool is fixed (``--kv-bytes``) and small enough that stock vLLM must
@@ -39,7 +39,12 @@ SERVERS = {
     "kivi4": "kivi4",
     "adore": json.dumps({"preset": "adore", "release": {"budget": 512, "sink": 64, "recent": 128,
                                                         "prefill_chunk": 128}}),
+    # stock with the per-request prefill cap that `adore` sets (release.prefill_chunk ->
+    # long_prefill_token_threshold): tells the cap's preemptions from the release layers'
+    "stock-lp128": None,
 }
+#: extra server arguments of a server
+EXTRA_ARGS = {"stock-lp128": ("--long-prefill-token-threshold", "128")}
 
 
 def pct(xs: list[float], q: float) -> float | None:
@@ -79,9 +84,9 @@ def run_server(name: str, preset: str | None, ns, mix, model_path: str, workdir:
     env["VLLM_ADAPTIVE_AUDIT"] = "1"
     args = ("--dtype", ns.dtype, "--max-model-len", str(ns.max_model_len), "--max-num-seqs", "16",
             "--max-num-batched-tokens", str(ns.chunk), "--block-size", "32",
-            "--kv-cache-memory-bytes", str(ns.kv_bytes), "--enforce-eager")
+            "--kv-cache-memory-bytes", str(ns.kv_bytes), "--enforce-eager", *EXTRA_ARGS.get(name, ()))
     log = workdir / f"{name}.log"
-    out: dict = {"server": name, "preset": preset or "stock CPU_ATTN"}
+    out: dict = {"server": name, "preset": preset or "stock CPU_ATTN", "extra_args": list(EXTRA_ARGS.get(name, ()))}
     with served(preset, args, env, log) as (base, _):
         t0 = time.perf_counter()
         answers = run_load(base, mix)
