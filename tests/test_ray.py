@@ -14,7 +14,8 @@ Tensor parallelism sums the row-parallel projections across ranks, and every
 rank splits its GEMMs over its own threads, so hidden states differ from one
 process in the last float32 bits. Continuous outputs absorb that; discrete
 decisions taken on a near tie do not: an int4 KIVI code on a rounding
-boundary (hence ``kivi8`` here; ``kivi4`` differed on one long prompt) or a
+boundary (hence ``kivi8`` here, and one prompt per step for the KIVI cases:
+batch timing moves those bits too; ``kivi4`` differed on one long prompt) or a
 rebuild swap whose two Quest bounds are within rounding (``adore`` at TP=3
 once released 219 blocks against 220 and answered one long prompt
 differently; all ranks applied identical decisions). So under TP the release
@@ -92,6 +93,13 @@ def result(name: str, address: str | None) -> dict:
     if key not in _cache:
         cfg, layout = CASES[name]
         spec = {**BASE, "adaptive_attention": cfg}
+        if "kivi" in name:
+            # one prompt per generate call: which requests share a step
+            # depends on when they reach the EngineCore process, and that
+            # moves the last float32 bits of the keys; an int4 code on a
+            # rounding boundary then flips (kivi2 in one process answered
+            # differently in identical runs, the same in every in-process run)
+            spec["sequential"] = True
         env = None
         if address:
             spec.update(layout, distributed_executor_backend="ray")
