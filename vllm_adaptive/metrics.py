@@ -21,7 +21,9 @@ So the counters travel beside it:
 * **API server side** (:class:`AdaptiveCollector`, registered by
   ``register()`` in every process): a Prometheus collector that reads those
   files when ``/metrics`` is scraped, so the numbers are current even when
-  the server is idle.
+  the server is idle. Files of engines that no longer run are skipped: a
+  process that starts several engines (or tests that start servers one after
+  another) hands all of them the same directory.
 
 Metric names start with ``vllm_adaptive:`` (vLLM unregisters collectors named
 ``vllm:*`` when its own logger starts). With ``--api-server-count`` > 1 vLLM
