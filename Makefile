@@ -15,8 +15,9 @@ setup: $(VENV)/.installed
 serve: $(VENV)/.installed
 	$(VENV)/bin/vllm-adaptive serve $(ARGS)
 
+# --durations: the slowest tests at the end of every run, so CI's log shows where time goes
 test: $(VENV)/.installed
-	$(PY) -m pytest -q $(ARGS)
+	$(PY) -m pytest -q --durations=25 $(ARGS)
 
 model: $(VENV)/.installed
 	$(VENV)/bin/vllm-adaptive model

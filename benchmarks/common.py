@@ -71,7 +71,7 @@ def start_engine(m: dict, **kw):
 
     from vllm import LLM
 
-    from vllm_adaptive.importance.channel import STATS_ENV
+    from vllm_adaptive.release.stats import STATS_ENV
 
     os.environ[STATS_ENV] = os.path.join(tempfile.mkdtemp(prefix="release-"), "stats.json")
     t0 = time.time()
@@ -82,7 +82,7 @@ def start_engine(m: dict, **kw):
 def release_stats() -> dict | None:
     """The scheduler's release statistics of this process's engine (per
     release KV-cache group: blocks released, dropped, rebuilt, ...), or None."""
-    from vllm_adaptive.importance.channel import STATS_ENV
+    from vllm_adaptive.release.stats import STATS_ENV
 
     path = os.environ.get(STATS_ENV)
     if not path or not os.path.exists(path):

@@ -1,4 +1,4 @@
-"""Decode attention from KIVI int4 / int2 packed pages (kernels/kivi_triton.py)
+"""Decode attention from KIVI int4 / int2 packed pages (kernels/kivi_attention_triton.py)
 against the bf16 Triton decode kernel (kernels/paged_decode.py), on one GPU.
 
 Needs only torch + triton + this repository (no vLLM engine). For each block
@@ -62,7 +62,8 @@ def main() -> int:
     import triton
 
     from vllm_adaptive.formats.kivi import KiviLayout, KiviParams
-    from vllm_adaptive.kernels import kivi, kivi_triton, paged_decode
+    from vllm_adaptive.kernels import kivi, paged_decode
+    from vllm_adaptive.kernels.kivi_attention_triton import kivi_paged_attention
 
     t_start = time.time()
     if args.smoke:
@@ -165,7 +166,7 @@ def main() -> int:
                 kw = dict(max_query_len=1, num_splits=args.num_splits, tile_n=args.tile_n)
 
                 def run():
-                    kivi_triton.kivi_paged_attention(layout, cache, query, bt, qsl, seq_lens, scale, out, **kw)
+                    kivi_paged_attention(layout, cache, query, bt, qsl, seq_lens, scale, out, **kw)
 
                 run()
                 want = torch.empty_like(query, dtype=torch.float32)

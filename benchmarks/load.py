@@ -77,7 +77,8 @@ def bench_serve(base: str, model_path: str, ns) -> dict:
 
 
 def run_server(name: str, preset: str | None, ns, mix, model_path: str, workdir: Path) -> dict:
-    from vllm_adaptive.loadgen import compare, metric, run_load, serve_alone, served, wait_idle
+    from vllm_adaptive.loadgen import compare, metric, run_load, serve_alone, wait_idle
+    from vllm_adaptive.serving import served
 
     env = dict(os.environ)
     env.pop("VLLM_CPU_KVCACHE_SPACE", None)

@@ -25,7 +25,7 @@ from dataclasses import dataclass
 import torch
 
 from vllm_adaptive.formats import split_kv_cache
-from vllm_adaptive.pattern import SparsePattern
+from vllm_adaptive.sparse_pattern import SparsePattern
 
 NAN = float("nan")
 NULL_PAGE = 0

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from vllm_adaptive.pattern import SparsePattern
+from vllm_adaptive.sparse_pattern import SparsePattern
 from vllm_adaptive.config import AdaptiveConfigError, parse_config
 from vllm_adaptive.plan import resolve
 
@@ -92,26 +92,26 @@ def test_longgen_presets_place_the_middle_third_full():
     assert cfg.full_layer_indices == tuple(range(10, 20)) == middle_third(30)
     assert {k for i, k in enumerate(cfg.kinds) if i not in range(10, 20)} == {"sink_window"}
     # LongGen's block-granular sink + window: 128 sink tokens, the last 6 blocks of 128
-    assert cfg.pattern("sink_window") == SparsePattern(sink=128, block=128, local_blocks=6)
-    assert cfg.pattern("full") is None
+    assert cfg.params("sink_window") == SparsePattern(sink=128, block=128, local_blocks=6)
+    assert cfg.params("full") is None
     exact = parse_config({"preset": "longgen", "sink_window": {"block": 1, "sink": 64}}, 30)
-    assert exact.pattern("sink_window") == SparsePattern(sink=64, window=768)
+    assert exact.params("sink_window") == SparsePattern(sink=64, window=768)
     strided = parse_config({"preset": "longgen-strided", "strided": {"vert_stride": 4}}, 30)
-    assert strided.sparse_kinds_used == ("strided",)
-    assert strided.pattern("strided").vert_stride == 4  # overrides key by key
-    assert strided.pattern("strided").local_blocks == 4  # the rest from the preset
+    assert strided.freeing_kinds_used == ("strided",)
+    assert strided.params("strided").vert_stride == 4  # overrides key by key
+    assert strided.params("strided").local_blocks == 4  # the rest from the preset
     assert middle_third(7) == (2, 3, 4)
     # block-aligned sink + local blocks (no vertical stride): LongGen's
     # sink + window at block granularity
     local = parse_config({"preset": "longgen-strided", "strided": {"vert_stride": 0, "local_blocks": 6}}, 30)
-    assert local.pattern("strided").vert_stride == 0 and local.pattern("strided").block_aligned(128)
+    assert local.params("strided").vert_stride == 0 and local.params("strided").block_aligned(128)
 
 
 def test_calibrated_map_and_explicit_layer_kinds():
     cfg = parse_config({"preset": "longgen", "full_layers": [0, 3]}, 4)
     assert list(cfg.kinds) == ["full", "sink_window", "sink_window", "full"]
     mixed = parse_config({"layer_kinds": ["full", "strided", "sink_window", "full"]}, 4)
-    assert mixed.sparse_kinds_used == ("sink_window", "strided")
+    assert mixed.freeing_kinds_used == ("sink_window", "strided")
 
 
 def test_engine_dependent_checks():
@@ -201,11 +201,11 @@ def test_kivi_bad_values_name_the_key(raw, block_size, needle):
 def test_adore_presets():
     plan = resolve_on(parse_config("adore", 30))
     assert {(lp.kind, lp.path) for lp in plan.layers} == {("release", "torch")}
-    p = plan.layers[0].pattern
+    p = plan.layers[0].params
     assert (p.budget, p.sink, p.recent, p.scorer) == (1024, 128, 256, "gru")
     lg = resolve_on(parse_config({"preset": "longgen-adore", "release": {"scorer": "h2o"}}, 30))
     assert [lp.kind for lp in lg.layers][9:21] == ["release"] + ["full"] * 10 + ["release"]
-    assert lg.layers[0].pattern.scorer == "h2o" and lg.layers[0].pattern.budget == 1024
+    assert lg.layers[0].params.scorer == "h2o" and lg.layers[0].params.budget == 1024
     assert "release" in lg.table() and "scorer=h2o" in lg.table()
 
 
@@ -251,8 +251,12 @@ def _fake_vllm_config(kv_transfer_config=None):
 def test_release_startup_installs_the_connector_and_checks_the_controller():
     from types import SimpleNamespace
 
-    from vllm_adaptive.importance.channel import CONNECTOR_NAME
-    from vllm_adaptive.startup import _setup_release
+    from vllm_adaptive.kinds import KINDS
+    from vllm_adaptive.release.connector import CONNECTOR_NAME
+    from vllm_adaptive.startup import logger
+
+    def _setup_release(cfg, vc):  # what start-up runs for the kind
+        KINDS["release"].prepare_engine(cfg, vc, logger)
 
     vc = _fake_vllm_config()
     _setup_release(parse_config("adore", 30), vc)
@@ -272,3 +276,33 @@ def test_release_startup_installs_the_connector_and_checks_the_controller():
     vc.model_config.get_head_size = lambda: 128
     with pytest.raises(AdaptiveConfigError, match=r"release\.controller: expected a controller for this model .* got 'one trained on layer 2 with 192 inputs'"):
         _setup_release(parse_config("adore", 30), vc)
+
+
+def test_block_freeing_layers_refuse_engine_features_they_cannot_serve():
+    """Start-up refuses, naming the layers, what freed blocks would break; it
+    switches prefix caching off; release layers bring their own connector."""
+    from types import SimpleNamespace
+
+    from vllm_adaptive.startup import _check_block_freeing_engine
+
+    def vc(**kw):
+        base = _fake_vllm_config(kw.pop("kv_transfer_config", None))
+        base.speculative_config = kw.pop("speculative_config", None)
+        base.scheduler_config.disable_hybrid_kv_cache_manager = kw.pop("disable_hybrid", False)
+        base.cache_config = SimpleNamespace(enable_prefix_caching=True)
+        return base
+
+    longgen = parse_config("longgen", 30)
+    with pytest.raises(ValueError, match=r"sparse layers \(sink_window\) do not support KV transfer connectors "
+                                         r"such as 'NixlConnector'"):
+        _check_block_freeing_engine(longgen, vc(kv_transfer_config=SimpleNamespace(kv_connector="NixlConnector")))
+    with pytest.raises(ValueError, match=r"sparse layers \(sink_window\) do not support speculative decoding"):
+        _check_block_freeing_engine(longgen, vc(speculative_config=object()))
+    with pytest.raises(ValueError, match=r"release layers need vLLM's hybrid KV cache manager"):
+        _check_block_freeing_engine(parse_config("adore", 30), vc(disable_hybrid=True))
+    ok = vc()
+    _check_block_freeing_engine(longgen, ok)
+    assert ok.kv_transfer_config is None and not ok.cache_config.enable_prefix_caching
+    adore = vc()
+    _check_block_freeing_engine(parse_config("longgen-adore", 30), adore)
+    assert adore.kv_transfer_config.kv_connector == "AdoreConnector"

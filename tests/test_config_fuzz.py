@@ -28,7 +28,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from conftest import run_engine
+from conftest import run_engines
 from vllm_adaptive.config import PRESETS as PRESETS_TABLE
 
 KINDS = ["full", "sink_window", "strided", "release"]
@@ -127,7 +127,10 @@ ACCEPTED: list[dict] = []
 SEEN = {"accepted": 0, "rejected": 0}
 
 
-@settings(max_examples=300, deadline=None, suppress_health_check=list(HealthCheck), database=None)
+MAX_EXAMPLES = 300
+
+
+@settings(max_examples=MAX_EXAMPLES, deadline=None, suppress_health_check=list(HealthCheck), database=None)
 @given(raw=CONFIGS)
 def test_fuzzed_configs_are_rejected_naming_a_key_or_accepted_whole(raw):
     from vllm_adaptive.startup import capacity_rows, kv_spec_for_layer
@@ -156,9 +159,15 @@ def test_fuzzed_configs_are_rejected_naming_a_key_or_accepted_whole(raw):
                              dtype=vc.model_config.dtype)
     for lp in plan.layers:
         spec = kv_spec_for_layer(f"model.layers.{lp.layer_idx}.self_attn.attn", full, vc)
-        assert 0 < spec.max_memory_usage_bytes(vc) <= full.max_memory_usage_bytes(vc) * 2
+        # Bound: a layer holds at most every token of max_model_len, in pages
+        # no bigger than the model dtype's (packed formats are smaller), plus
+        # its residual pages (KIVI's full-precision keys)
+        extra = getattr(spec, "residual_blocks", 0) * spec.page_size_bytes
+        assert 0 < spec.max_memory_usage_bytes(vc) <= full.max_memory_usage_bytes(vc) + extra, (lp, spec)
     _, ratio = capacity_rows(vc)
-    assert ratio >= 0.99
+    # Bound: no accepted map costs more KV than full attention (a residual
+    # costs less than its format saves: int8 codes are half of bf16's)
+    assert ratio >= 1.0, ratio
     if len(ACCEPTED) < 40:
         ACCEPTED.append(raw)
 
@@ -166,18 +175,28 @@ def test_fuzzed_configs_are_rejected_naming_a_key_or_accepted_whole(raw):
 def test_fuzz_saw_both_outcomes():
     """The strategy is not degenerate: it found valid and invalid configs."""
     print("fuzzed adaptive_attention configs:", SEEN)
-    assert SEEN["accepted"] >= 10 and SEEN["rejected"] >= 100 and sum(SEEN.values()) >= 200, SEEN
+    if not sum(SEEN.values()):
+        pytest.skip("run with test_fuzzed_configs_* in the same session")
+    # Hypothesis stops after MAX_EXAMPLES passing examples, and one_of draws
+    # each branch about half the time (~150 each): the floors below fail only
+    # when a strategy stops producing an outcome (VALID configs nearly always
+    # pass, ANY configs carry a junk value in one of 11 keys and nearly
+    # always fail), not by chance.
+    assert sum(SEEN.values()) >= MAX_EXAMPLES, SEEN
+    assert SEEN["accepted"] >= 10 and SEEN["rejected"] >= 100, SEEN
 
 
 @pytest.mark.engine
 def test_accepted_configs_serve():
     """Two accepted fuzzed configs (the ones with the most keys, other than
-    plain presets) generate in a real engine."""
+    plain presets) generate in a real engine (both in one engine process)."""
     picks = sorted((r for r in ACCEPTED if len(r) > 1), key=lambda r: -len(_keys(r)))[:2]
     if not picks:
         pytest.skip("run with test_fuzzed_configs_* in the same session")
-    for raw in picks:
-        r = run_engine({"backend": "ADAPTIVE", "adaptive_attention": raw, "max_model_len": 2048,
-                        "prompts": ["The capital of France is", "1, 2, 3, 4,"], "max_tokens": 8})
+    runs = run_engines({f"accepted{i}": {"backend": "ADAPTIVE", "adaptive_attention": raw, "max_model_len": 2048,
+                                         "prompts": ["The capital of France is", "1, 2, 3, 4,"], "max_tokens": 8}
+                        for i, raw in enumerate(picks)})
+    for i, raw in enumerate(picks):
+        r = runs[f"accepted{i}"]
         assert all(len(t) == 8 for t in r["token_ids"]), (raw, r["texts"])
         assert r["backends"] == ["ADAPTIVE"]

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from vllm_adaptive.kernels.cpu_sparse import plan_pseudo_requests
-from vllm_adaptive.pattern import SparsePattern
+from vllm_adaptive.sparse_pattern import SparsePattern
 
 
 def test_rejects_unaligned_pattern():

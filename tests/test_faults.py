@@ -1,7 +1,8 @@
 """Faults while serving, ADAPTIVE (``longgen``) beside stock vLLM (CPU_ATTN).
 
-Each fault runs against a fresh server of each kind, with the same requests,
-and the test asserts what both do, so a difference from stock fails:
+Each fault runs against a fresh server of each kind (the two side by side),
+with the same requests, and the test asserts what both do, so a difference
+from stock fails:
 
 * **A worker process killed (SIGKILL) mid-request**: vLLM does not recover.
   Its EngineCore sees the worker die, the API server fails every in-flight
@@ -11,10 +12,12 @@ and the test asserts what both do, so a difference from stock fails:
 * **SIGTERM to the server during a burst**: vLLM 0.32 aborts the engine at
   once (``shutdown_timeout`` 0) and uvicorn waits for open connections to
   close. Whether requests see the abort first is a race: they fail visibly
-  (stream error events, HTTP 5xx) or get no answer until the client gives up
-  (``no_answer``, after ``PATIENCE_S``); both servers have done both. Then the
-  server exits. No request gets a 200 with a truncated text, and the server
-  exits within ``EXIT_WITHIN_S`` of the client giving up.
+  (stream error events, HTTP 5xx, a 200 whose ``finish_reason`` is ``abort``
+  or a stream that ends without one) or get no answer until the client gives
+  up (``no_answer``, after ``PATIENCE_S``); the servers have done all of
+  these. Then the server exits. No request gets a 200 that claims a normal
+  end with a truncated text, and the server exits within ``EXIT_WITHIN_S``
+  of the client giving up.
 * A client that disconnects mid-stream is recovered from: see
   ``test_load.py`` (aborted streams and dropped connections inside the load,
   then KV usage back to 0 and the server answering).
@@ -31,14 +34,41 @@ import psutil
 import pytest
 import requests
 
-from conftest import engine_env, serve
+from conftest import engine_env, serve, server_cpu
 
 pytestmark = pytest.mark.server
 
 KINDS = {"adaptive": "longgen", "stock": None}
-EXIT_WITHIN_S = 60  # after the client stopped waiting
-PATIENCE_S = 30  # how long the client waits for answers after the fault
-LONG = " ".join(f"Fact {i}: the number {i} is followed by {i + 1}." for i in range(60))
+# after the client stopped waiting: a bound on vLLM's shutdown (drain, join the
+# EngineCore) on a loaded 2-core machine; a server still running by then hangs
+EXIT_WITHIN_S = 60
+# how long the client waits for answers after the fault: vLLM fails the
+# requests of a dead worker within seconds, while after SIGTERM a request may
+# get no answer at all until its client gives up
+PATIENCE_S = 30
+# 821 tokens: several prefill chunks, so the fault lands while requests run;
+# with the 64 answer tokens within --max-model-len 1024, so an answer that is
+# not cut by the fault has all its tokens (a longer prompt ends at the model
+# length, finish_reason "length", and would look truncated)
+LONG = " ".join(f"Fact {i}: the number {i} is followed by {i + 1}." for i in range(50))
+# a KV pool for 4 running requests of ~900 tokens (float32, 30 layers x 3 KV heads:
+# 46 KB a token; 160 MiB), not the 1 GiB of VLLM_CPU_KVCACHE_SPACE: two servers run side by side
+SERVER_ARGS = ("--max-num-seqs", "4", "--max-model-len", "1024", "--kv-cache-memory-bytes", str(192 * 2**20))
+
+
+def _ended(tokens: int | None, finish: str | None, max_tokens: int) -> dict:
+    """A 200 answer: complete; or short and saying so (``finish_reason``
+    ``abort``, or none at all: a client that reads the OpenAI protocol sees
+    the answer did not end); or short and silent, claiming a normal end
+    (``stop`` / ``length`` with fewer tokens than asked under ``ignore_eos``
+    and a prompt that leaves room: ``truncated_200``, what these tests look for)."""
+    if tokens == max_tokens:
+        outcome = "complete"
+    elif finish in ("stop", "length"):
+        outcome = "truncated_200"
+    else:
+        outcome = "aborted_200" if finish == "abort" else "unfinished_200"
+    return {"outcome": outcome, "tokens": tokens, "finish_reason": finish}
 
 
 async def _request(client, base: str, i: int, max_tokens: int) -> dict:
@@ -46,14 +76,18 @@ async def _request(client, base: str, i: int, max_tokens: int) -> dict:
     stream = i % 2 == 0
     body = {"model": "smollm2", "prompt": LONG if i % 3 == 0 else f"Count to {i}:", "max_tokens": max_tokens,
             "temperature": 0, "ignore_eos": True, "stream": stream}
+    if stream:
+        # the server's token count: a chunk carries several tokens when the
+        # server falls behind, so counting chunks would call a whole answer short
+        body["stream_options"] = {"include_usage": True}
     try:
         if not stream:
             r = await client.post(base + "/v1/completions", json=body)
             if r.status_code != 200:
                 return {"outcome": "error_status", "status": r.status_code}
-            n = r.json()["usage"]["completion_tokens"]
-            return {"outcome": "complete" if n == max_tokens else "truncated_200", "tokens": n}
-        chunks, done, error = 0, False, False
+            data = r.json()
+            return _ended(data["usage"]["completion_tokens"], data["choices"][0]["finish_reason"], max_tokens)
+        chunks, tokens, finish, done, error = 0, None, None, False, False
         async with client.stream("POST", base + "/v1/completions", json=body) as r:
             if r.status_code != 200:
                 return {"outcome": "error_status", "status": r.status_code}
@@ -66,9 +100,12 @@ async def _request(client, base: str, i: int, max_tokens: int) -> dict:
                         error = True
                     elif data.get("choices"):
                         chunks += 1
+                        finish = data["choices"][0].get("finish_reason") or finish
+                    if data.get("usage"):
+                        tokens = data["usage"]["completion_tokens"]
         if done and not error:
-            return {"outcome": "complete" if chunks == max_tokens else "truncated_200", "tokens": chunks}
-        return {"outcome": "stream_error" if error else "stream_cut", "tokens": chunks}
+            return _ended(tokens, finish, max_tokens)
+        return {"outcome": "stream_error" if error else "stream_cut", "chunks": chunks}
     except Exception as e:  # noqa: BLE001 - the outcome is what we test
         return {"outcome": "connection_error", "error": type(e).__name__}
 
@@ -111,18 +148,15 @@ def _worker_pids(server_pid: int) -> list[int]:
     return out
 
 
-def _start(kind: str, tmp, **kw):
-    env = engine_env()
-    return serve(KINDS[kind], tmp, env, ("--max-num-seqs", "4"), with_proc=True)
+def _start(kind: str, tmp):
+    env = {**engine_env(), **server_cpu(list(KINDS).index(kind))}  # side by side: a core each
+    env.pop("VLLM_CPU_KVCACHE_SPACE", None)  # it would override --kv-cache-memory-bytes
+    return serve(KINDS[kind], tmp, env, SERVER_ARGS, with_proc=True)
 
 
-_results: dict[tuple[str, str], dict] = {}
-
-
-def _scenario(fault: str, kind: str, tmp_path_factory) -> dict:
-    if (fault, kind) in _results:
-        return _results[(fault, kind)]
-    with _start(kind, tmp_path_factory.mktemp(f"{fault}-{kind}")) as (base, log, proc):
+def _run(fault: str, kind: str, tmp) -> dict:
+    """A fresh server of ``kind``, the burst, the fault; what came of it."""
+    with _start(kind, tmp) as (base, log, proc):
         if fault == "kill_worker":
             workers = _worker_pids(proc.pid)
             assert workers, "no worker process found under the server"
@@ -136,16 +170,33 @@ def _scenario(fault: str, kind: str, tmp_path_factory) -> dict:
             def act():
                 proc.send_signal(signal.SIGTERM)
 
+        # 12 requests of 64 tokens, 4 running at a time: seconds of work, so the fault
+        # after 3 s lands while requests run (the test checks that some did not complete)
         outcomes = asyncio.run(_burst(base, 12, 64, act, fault_after_s=3.0))
         exit_s = _wait_exit(proc, EXIT_WITHIN_S)
         try:
             after = requests.get(base + "/health", timeout=5).status_code
         except requests.RequestException:
             after = None
-        res = {"outcomes": outcomes, "exit_s": exit_s, "rc": proc.returncode, "health_after": after,
-               "workers": workers, "log": log.read_text()[-4000:]}
-    _results[(fault, kind)] = res
-    return res
+        return {"outcomes": outcomes, "exit_s": exit_s, "rc": proc.returncode, "health_after": after,
+                "workers": workers, "log": log.read_text()[-4000:]}
+
+
+_results: dict[tuple[str, str], dict] = {}
+
+
+def _scenario(fault: str, kind: str, tmp_path_factory) -> dict:
+    """The fault against both kinds of server, side by side (a server start
+    is mostly one core's work, and each waits ``PATIENCE_S`` for its client)."""
+    if (fault, kind) not in _results:
+        from concurrent.futures import ThreadPoolExecutor
+
+        tmps = {k: tmp_path_factory.mktemp(f"{fault}-{k}") for k in KINDS}
+        with ThreadPoolExecutor(len(KINDS)) as pool:
+            futures = {k: pool.submit(_run, fault, k, tmps[k]) for k in KINDS}
+            for k, f in futures.items():
+                _results[(fault, k)] = f.result()
+    return _results[(fault, kind)]
 
 
 def _counts(res: dict) -> dict[str, int]:
@@ -163,7 +214,7 @@ def test_fault_ends_the_server_without_silent_answers(fault, kind, tmp_path_fact
     print(kind, fault, counts, "exit after", res["exit_s"], "s, rc", res["rc"])
     assert res["exit_s"] is not None, f"server still running {EXIT_WITHIN_S} s after {fault}:\n{res['log']}"
     assert res["health_after"] is None
-    assert "truncated_200" not in counts, counts
+    assert "truncated_200" not in counts, [o for o in res["outcomes"] if o["outcome"] == "truncated_200"]
     assert counts.get("complete", 0) < len(res["outcomes"]), "the fault came too late to hit a request"
 
 

@@ -48,9 +48,11 @@ def test_torch_path_matches_reference(seq_lens, query_lens, heads, block_size):
     torch.testing.assert_close(got, want, atol=TOL[q.dtype], rtol=0)
 
 
-@pytest.mark.parametrize("seq_lens,query_lens", GRIDS)
-@pytest.mark.parametrize("heads", GQA)
-@pytest.mark.parametrize("block_size", [16, 32])
+# Interpreter time: 9 of the 18 (grid, GQA, block size) products, block sizes
+# alternating so that each grid and each GQA ratio meets both.
+@pytest.mark.parametrize("seq_lens,query_lens,heads,block_size", [
+    (*grid, heads, (16, 32)[(i + j) % 2]) for i, grid in enumerate(GRIDS) for j, heads in enumerate(GQA)
+])
 def test_triton_prefill_matches_reference(triton_interpret, seq_lens, query_lens, heads, block_size):
     q, kc, vc, bt, qsl, sl = make_case(seq_lens, query_lens, *heads, 32, block_size)
     want = ref.paged_attention_ref(q, kc, vc, bt, qsl, sl, 0.17)
@@ -58,9 +60,12 @@ def test_triton_prefill_matches_reference(triton_interpret, seq_lens, query_lens
     torch.testing.assert_close(got, want, atol=TOL[q.dtype], rtol=0)
 
 
-@pytest.mark.parametrize("seq_lens", [[1, 17, 129], [463, 2011, 5]])
-@pytest.mark.parametrize("heads", GQA)
-@pytest.mark.parametrize("num_splits", [1, 4])
+# 6 of the 12 products, split counts alternating: each context set and each
+# GQA ratio meets one split (no merge partials) and four.
+@pytest.mark.parametrize("seq_lens,heads,num_splits", [
+    (seq_lens, heads, (1, 4)[(i + j) % 2])
+    for i, seq_lens in enumerate([[1, 17, 129], [463, 2011, 5]]) for j, heads in enumerate(GQA)
+])
 def test_triton_decode_matches_reference(triton_interpret, seq_lens, heads, num_splits):
     q, kc, vc, bt, qsl, sl = make_case(seq_lens, [1] * len(seq_lens), *heads, 64, 16)
     want = ref.paged_attention_ref(q, kc, vc, bt, qsl, sl, 0.125)

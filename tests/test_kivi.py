@@ -14,7 +14,7 @@ from hypothesis import strategies as st
 
 from vllm_adaptive.formats.kivi import KiviLayout, KiviParams
 from vllm_adaptive.kernels import kivi
-from vllm_adaptive.pattern import SparsePattern
+from vllm_adaptive.sparse_pattern import SparsePattern
 
 
 @given(bits=st.sampled_from([8, 4, 2]), d=st.sampled_from([4, 8, 16, 64]),

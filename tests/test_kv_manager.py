@@ -17,7 +17,7 @@ from vllm.v1.core.block_pool import BlockPool
 from vllm_adaptive.kv import register_kv_specs
 from vllm_adaptive.kv.managers import SparsePatternManager
 from vllm_adaptive.kv.specs import SparsePatternSpec
-from vllm_adaptive.pattern import SparsePattern, cdiv
+from vllm_adaptive.sparse_pattern import SparsePattern, cdiv
 
 PATTERNS = {
     "sink_window": SparsePattern(sink=8, window=40),
@@ -26,14 +26,18 @@ PATTERNS = {
 }
 
 
-def make_manager(pattern: SparsePattern, bs: int, num_blocks: int, chunk: int = 64,
-                 in_step_free: bool = True):
-    spec = SparsePatternSpec(
+def make_spec(pattern: SparsePattern, bs: int, chunk: int = 64, in_step_free: bool = True):
+    return SparsePatternSpec(
         block_size=bs, num_kv_heads=1, head_size=8, dtype=torch.float32,
         sink=pattern.sink, window=pattern.window, pattern_block=pattern.block,
         local_blocks=pattern.local_blocks, vert_stride=pattern.vert_stride,
         chunk_tokens=chunk, in_step_free=in_step_free,
     )
+
+
+def make_manager(pattern: SparsePattern, bs: int, num_blocks: int, chunk: int = 64,
+                 in_step_free: bool = True):
+    spec = make_spec(pattern, bs, chunk, in_step_free)
     pool = BlockPool(num_blocks, enable_caching=False, hash_block_size=bs)
     mgr = SparsePatternManager(
         spec, block_pool=pool, enable_caching=False, kv_cache_group_id=0,
@@ -167,6 +171,9 @@ def test_more_long_requests_fit_than_with_full_attention():
         mgr.remove_skipped_blocks(f"r{r}", length)
         admitted += 1
     check(mgr, pool, {})
+    # the pool's 2 * cdiv(length, bs) usable blocks hold that many // steady
+    # finished requests; the last one admitted also needs its prefill peak
+    # (at most one more request's worth): one fewer
     assert admitted >= 2 * (cdiv(length, bs) // pat.steady_blocks(bs, length)) - 1
     assert admitted > 2
 
@@ -190,6 +197,19 @@ def test_no_prefix_cache_hits_and_registration():
         [], 512, [0, 1], pool, mgr.kv_cache_spec, False, 16
     )
     assert n == 0 and hits == ([], [])
+
+
+def test_two_patterns_never_share_a_kv_cache_group():
+    """vLLM puts the layers it deems of one type into one KV-cache group, with
+    one manager: a model whose layers are all sparse, of two patterns, must get
+    a group per pattern (one manager would free the other pattern's blocks)."""
+    register_kv_specs()
+    from vllm.v1.kv_cache_interface import UniformTypeKVCacheSpecs
+
+    strided, window = make_spec(PATTERNS["strided"], 16), make_spec(PATTERNS["sink_window"], 16)
+    assert UniformTypeKVCacheSpecs.from_specs({"l0": strided, "l1": window}) is None
+    other_chunk = make_spec(PATTERNS["strided"], 16, chunk=32)
+    assert UniformTypeKVCacheSpecs.from_specs({"l0": strided, "l1": other_chunk}) is not None
 
 
 def test_check_invariants_catches_a_leak():

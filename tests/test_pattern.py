@@ -7,7 +7,7 @@ import random
 import pytest
 import torch
 
-from vllm_adaptive.pattern import SparsePattern, cdiv
+from vllm_adaptive.sparse_pattern import SparsePattern, cdiv
 
 
 def random_patterns(n: int, seed: int = 0):

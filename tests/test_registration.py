@@ -164,3 +164,17 @@ def test_the_shipped_controller_is_package_data():
     ctl = load_controller(None)
     assert ctl.in_dim == 3 * 64 and ctl.info["eval"]["block_auc_controller"] > 0.5
     assert SHIPPED.stat().st_size < 200_000
+
+
+def test_the_architecture_module_table_matches_the_tree():
+    """docs/ARCHITECTURE.md's module table is generated from the modules'
+    docstrings; a module added, moved or re-described without regenerating it
+    fails here (fix: python scripts/module_table.py --write)."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    proc = subprocess.run([sys.executable, str(root / "scripts" / "module_table.py"), "--check"],
+                          capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr

@@ -3,7 +3,7 @@ preempt / abort sequences on a real vLLM BlockPool.
 
 A fake worker mirrors the cache: every block holds the (request, index) it
 was written for, and the step's copies (copy-outs first, then copy-ins, as
-``importance/channel.py`` runs them) move those labels between the pool and
+the connector's worker half runs them) move those labels between the pool and
 a host tier. After every step the manager's invariants hold, the pool's free
 count matches what the requests hold, every held block carries exactly the
 label of its (request, index) (so a rebuilt block got its own content back
@@ -19,10 +19,11 @@ import pytest
 import torch
 from vllm.v1.core.block_pool import BlockPool
 
+from vllm_adaptive.importance.rules import Reduce
 from vllm_adaptive.kv import register_kv_specs
-from vllm_adaptive.kv.release import ReleaseManager
-from vllm_adaptive.kv.specs import ReleaseBudgetSpec
-from vllm_adaptive.pattern import cdiv
+from vllm_adaptive.release.manager import ReleaseManager
+from vllm_adaptive.release.spec import ReleaseBudgetSpec
+from vllm_adaptive.sparse_pattern import cdiv
 
 BS = 8
 
@@ -72,13 +73,31 @@ def check(mgr, pool, worker, computed: dict[str, int]) -> None:
         assert mgr.num_held_blocks(req) <= mgr.spec.budget_blocks + cdiv(mgr.spec.chunk_tokens, BS)
 
 
+def decode_to(mgr, worker, upto: int, score_by_index: bool = False):
+    """Request "a" grows 8 tokens a step to ``upto``, releasing as it goes
+    (worker scores = the block index when ``score_by_index``); returns
+    (tokens, released block indices, kept block indices)."""
+    n = 0
+    while n < upto:
+        if score_by_index:
+            mgr.store.update({"a": {i: float(i) for i in range(cdiv(n, BS))}}, Reduce.LAST)
+        mgr.remove_skipped_blocks("a", n)
+        mgr.allocate_new_blocks("a", n + 8, n + 8)
+        worker.run(mgr, {"a": (n, n + 8)})
+        n += 8
+    mgr.remove_skipped_blocks("a", n)
+    worker.run(mgr, {})
+    blocks = mgr.req_to_blocks["a"]
+    return n, [i for i, b in enumerate(blocks) if b.is_null], [i for i, b in enumerate(blocks) if not b.is_null]
+
+
 def test_release_holds_budget_and_frees_to_pool():
     mgr, pool = make(rebuild=0)
     free0 = pool.get_num_free_blocks()
     worker, n = FakeWorker(), 0
     # prefill 80 tokens (10 blocks) in chunks of 24, scores favour block 3
     while n < 80:
-        mgr.store.update({"a": {i: (10.0 if i == 3 else float(i % 2)) for i in range(cdiv(n, BS))}}, "last")
+        mgr.store.update({"a": {i: (10.0 if i == 3 else float(i % 2)) for i in range(cdiv(n, BS))}}, Reduce.LAST)
         mgr.remove_skipped_blocks("a", n)
         new = min(24, 80 - n)
         mgr.allocate_new_blocks("a", n + new, n + new)
@@ -96,30 +115,47 @@ def test_release_holds_budget_and_frees_to_pool():
 
 def test_rebuild_swaps_in_the_highest_bound():
     mgr, pool = make(rebuild=1)
-    worker, n = FakeWorker(), 0
-    while n < 80:
-        mgr.store.update({"a": {i: float(i) for i in range(cdiv(n, BS))}}, "last")
-        mgr.remove_skipped_blocks("a", n)
-        mgr.allocate_new_blocks("a", n + 8, n + 8)
-        worker.run(mgr, {"a": (n, n + 8)})
-        n += 8
-    mgr.remove_skipped_blocks("a", n)
-    worker.run(mgr, {})
-    released = [i for i, b in enumerate(mgr.req_to_blocks["a"]) if b.is_null]
+    worker = FakeWorker()
+    n, released, kept = decode_to(mgr, worker, 80, score_by_index=True)
     assert 2 in released
     # the queries now point at block 2: it comes back, the weakest-bound kept block goes
-    kept = [i for i, b in enumerate(mgr.req_to_blocks["a"]) if not b.is_null]
     bounds = {i: 1.0 for i in kept}
     bounds.update({i: 0.0 for i in released})
     bounds[2] = 5.0
     bounds[kept[1]] = 0.5  # kept[0] is the sink (protected)
-    mgr.store.update({}, "last", bounds={"a": bounds})
+    mgr.store.update({}, Reduce.LAST, bounds={"a": bounds})
     mgr.remove_skipped_blocks("a", n)
     worker.run(mgr, {})
     blocks = mgr.req_to_blocks["a"]
     assert not blocks[2].is_null and blocks[kept[1]].is_null
     assert worker.blocks[blocks[2].block_id] == ("a", 2)
     assert mgr.stats.rebuilt == 1
+    check(mgr, pool, worker, {"a": n})
+
+
+def test_a_rebuilt_block_stays_with_a_scheduler_side_scorer():
+    """``recent`` scores a block by its index, so the oldest unprotected block
+    goes first. A rebuilt block is old by definition: without its pin it
+    would be released again at the very next removal, undoing the rebuild."""
+    mgr, pool = make(rebuild=1, scorer="recent")
+    worker = FakeWorker()
+    n, released, kept = decode_to(mgr, worker, 80)
+    assert released[:2] == [1, 2]  # oldest first (block 0 is the sink)
+    bounds = {i: 1.0 for i in kept} | {i: 0.0 for i in released} | {2: 5.0, kept[-2]: 0.5}
+    mgr.store.update({}, Reduce.LAST, bounds={"a": bounds})
+    mgr.remove_skipped_blocks("a", n)  # block 2 swaps in for kept[-2]
+    worker.run(mgr, {})
+    assert not mgr.req_to_blocks["a"][2].is_null and mgr.stats.rebuilt == 1
+    mgr.store.update({}, Reduce.LAST, bounds={})  # no new reason to swap
+    for _ in range(3):  # the request grows past its budget: releases by score
+        mgr.allocate_new_blocks("a", n + 8, n + 8)
+        worker.run(mgr, {"a": (n, n + 8)})
+        n += 8
+        mgr.remove_skipped_blocks("a", n)
+        worker.run(mgr, {})
+        assert not mgr.req_to_blocks["a"][2].is_null, "the rebuilt block was released by score"
+        assert worker.blocks[mgr.req_to_blocks["a"][2].block_id] == ("a", 2)
+    assert mgr.stats.released >= 3 + len(released)
     check(mgr, pool, worker, {"a": n})
 
 
@@ -167,7 +203,7 @@ def test_random_sequences(seed):
                 scores[req] = {i: rng.random() for i in range(cdiv(n, BS)) if rng.random() < 0.7}
                 idx = range(len(mgr.req_to_blocks[req]))
                 bounds[req] = {i: rng.random() for i in idx if rng.random() < 0.8}
-        mgr.store.update(scores, rng.choice(["max", "sum", "last"]), bounds=bounds)
+        mgr.store.update(scores, rng.choice(list(Reduce)), bounds=bounds)
         # one scheduler step: every request gets a chunk if the pool allows
         written = {}
         for req in list(computed):

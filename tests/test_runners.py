@@ -20,10 +20,11 @@ import torch
 
 from vllm_adaptive import reference as ref
 from vllm_adaptive.metadata import AdaptiveMetadata
-from vllm_adaptive.pattern import SparsePattern
+from vllm_adaptive.sparse_pattern import SparsePattern
 from vllm_adaptive.runners import RUNNERS, Geometry
 
 from paged_cases import NULL_PAGE, paged_case
+from tolerances import attention_atol
 
 PATTERNS = {
     "dense": [None],
@@ -36,8 +37,12 @@ PATTERNS = {
 }
 # decode rows first, then a chunk behind a context, a whole prompt, a one-token prompt
 SEQ_LENS, QUERY_LENS = [129, 300, 333, 77, 1], [1, 1, 100, 77, 1]
-TOL = {torch.float32: 2e-5, torch.bfloat16: 2e-2}
 BS = 32
+DTYPES = (torch.float32, torch.bfloat16)
+# Without a GPU, Triton kernels run in the interpreter (~10 s a case): the
+# kernel code is the same for both dtypes (only its loads and stores change),
+# so there each sparse pattern runs in one dtype, alternating; dense in both.
+INTERPRETED = not torch.cuda.is_available()
 
 
 def _cases():
@@ -46,8 +51,10 @@ def _cases():
             continue  # quantized formats: tests/test_kivi*.py, against the dequantized cache
         if family == "release":
             continue  # tables from the connector: tests/test_release_runner.py
-        for pattern in PATTERNS[family]:
-            for dtype in (torch.float32, torch.bfloat16):
+        for k, pattern in enumerate(PATTERNS[family]):
+            for dtype in DTYPES:
+                if path == "triton" and INTERPRETED and pattern is not None and dtype != DTYPES[k % 2]:
+                    continue
                 yield pytest.param(
                     runner, pattern, dtype,
                     id=f"{family}-{fmt}-{path}-{pattern.describe() if pattern else 'full'}-"
@@ -88,12 +95,15 @@ def test_runner_matches_reference_with_poisoned_pages(triton_interpret, runner_c
         true_v.append(torch.stack([cached(case.value_cache, r, p) for p in range(ctx)]
                                   + list(case.value[q0:q0 + s - ctx])).float())
 
-    # A fresh layer cache: NaN everywhere, written only through the runner.
+    # A layer cache of NaN everywhere, written only through the runner: the
+    # request's own blocks too, past the tokens written. vLLM hands a block
+    # back with whatever its last owner left, and a block freed by a KIVI
+    # layer (packed bytes, ``formats/kivi.py``) is reused by a model_dtype
+    # layer sharing the same tensor (one layer of each KV-cache group per
+    # tensor): its unwritten slots may hold NaN patterns.
     kv_cache = torch.full_like(case.kv_pages, float("nan"))
-    owned = {int(b) for b in case.block_table.flatten()} - {NULL_PAGE}
-    kv_cache[sorted(owned)] = 0.0  # vLLM allocates the cache with zeros
     geometry = Geometry(num_heads=hq, num_kv_heads=hk, head_size=d, dtype=dtype,
-                        kv_cache_dtype="auto", block_size=BS, null_slot_end=BS)
+                        kv_cache_dtype="auto", block_size=BS, null_slot_end=BS, foreign_pages=True)
     runner = runner_cls(geometry, pattern)
     ctx_rows, ctx_slots = [], []
     for r, ctx, s, _ in case.requests():
@@ -104,8 +114,8 @@ def test_runner_matches_reference_with_poisoned_pages(triton_interpret, runner_c
     if ctx_rows:
         k_ctx = torch.stack([true_k[r][p] for r, p in ctx_rows]).to(dtype)
         v_ctx = torch.stack([true_v[r][p] for r, p in ctx_rows]).to(dtype)
-        runner.write(k_ctx, v_ctx, kv_cache, torch.tensor(ctx_slots))
-    runner.write(case.key, case.value, kv_cache, case.step_slots())
+        runner.write(k_ctx, v_ctx, kv_cache, torch.tensor(ctx_slots), None)
+    runner.write(case.key, case.value, kv_cache, case.step_slots(), None)
     if runner_cls.in_step_free:
         assert torch.isnan(kv_cache[NULL_PAGE]).all(), "a token of the null block was stored"
 
@@ -128,7 +138,9 @@ def test_runner_matches_reference_with_poisoned_pages(triton_interpret, runner_c
         ref._masked_heads(case.query[q0:q0 + s - ctx], true_k[r], true_v[r], visible, 0.125,
                           want[q0:q0 + s - ctx])
     assert torch.isfinite(out).all()
-    torch.testing.assert_close(out.float(), want.float(), atol=TOL[dtype], rtol=0)
+    # derived from float32 / bf16 rounding bounds (tests/tolerances.py)
+    atol = attention_atol(dtype, case.query, torch.cat(true_k), torch.cat(true_v), max(SEQ_LENS), 0.125)
+    torch.testing.assert_close(out.float(), want.float(), atol=atol, rtol=0)
 
 
 def test_every_family_has_a_runner_on_every_path():

@@ -20,7 +20,7 @@ import torch
 from vllm_adaptive import reference as ref
 from vllm_adaptive.kernels.sparse_decode import sparse_decode
 from vllm_adaptive.kernels.sparse_prefill import sparse_prefill
-from vllm_adaptive.pattern import SparsePattern
+from vllm_adaptive.sparse_pattern import SparsePattern
 
 from paged_cases import paged_case
 from conftest import on_device

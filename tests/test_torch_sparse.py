@@ -16,7 +16,7 @@ import torch
 from vllm_adaptive import reference as ref
 from vllm_adaptive.kernels.torch_paged import write_kv_cache
 from vllm_adaptive.kernels.torch_sparse import needed_positions, sparse_attention
-from vllm_adaptive.pattern import SparsePattern
+from vllm_adaptive.sparse_pattern import SparsePattern
 
 from paged_cases import paged_case
 

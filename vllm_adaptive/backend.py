@@ -100,11 +100,11 @@ class AdaptiveMetadataBuilder(AttentionMetadataBuilder[AdaptiveMetadata]):
 
         model_plan = plan_for(vllm_config)
         plans = [model_plan.for_layer_name(n) for n in layer_names]
-        runs = {(p.runner, p.pattern) for p in plans}
+        runs = {(p.runner, p.params) for p in plans}
         if len(runs) != 1:
             raise ValueError(
-                f"{BACKEND_NAME}: one KV-cache group must run one runner and pattern, but "
-                + "; ".join(f"layer {p.layer_idx}: {p.runner.describe()} {p.pattern}" for p in plans)
+                f"{BACKEND_NAME}: one KV-cache group must run one runner and one set of kind parameters, but "
+                + "; ".join(f"layer {p.layer_idx}: {p.runner.describe()} {p.params}" for p in plans)
             )
         if model_plan.block_size % kv_cache_spec.block_size:
             raise ValueError(
@@ -112,7 +112,7 @@ class AdaptiveMetadataBuilder(AttentionMetadataBuilder[AdaptiveMetadata]):
                 f"{layer_names[0]}'s group does not divide the block size "
                 f"{model_plan.block_size} its layer plan was resolved for"
             )
-        ((runner_cls, pattern),) = runs
+        ((runner_cls, params),) = runs
         geometry = Geometry(
             num_heads=get_num_attention_heads_from_layers(vllm_config, layer_names)
             or vllm_config.model_config.get_num_attention_heads(vllm_config.parallel_config),
@@ -124,7 +124,7 @@ class AdaptiveMetadataBuilder(AttentionMetadataBuilder[AdaptiveMetadata]):
             null_slot_end=model_plan.null_slot_end,
             kv_params=plans[0].kv_params,
         )
-        self.runner: Runner = runner_cls(geometry, pattern)
+        self.runner: Runner = runner_cls(geometry, params)
         if runner_cls.decodes_first:
             self._init_reorder_batch_threshold(1)
 
@@ -200,9 +200,9 @@ class AdaptiveImpl(AttentionImpl[AdaptiveMetadata]):
                 head_size=self.head_size, dtype=self.vllm_config.model_config.dtype,
                 kv_cache_dtype=self.kv_cache_dtype, block_size=kv_cache.shape[2],
                 null_slot_end=model_plan.null_slot_end,
-                kv_params=lp.kv_params,
+                kv_params=lp.kv_params, foreign_pages=model_plan.mixes_kv_formats,
             )
-            self.runner = lp.runner(geometry, lp.pattern)
+            self.runner = lp.runner(geometry, lp.params)
             self.runner.layer_name, self.runner.layer_idx = layer.layer_name, lp.layer_idx
         return self.runner
 
@@ -214,14 +214,8 @@ class AdaptiveImpl(AttentionImpl[AdaptiveMetadata]):
         kv_cache: torch.Tensor,  # [num_blocks, num_kv_heads, block_size, 2 * head_size]
         slot_mapping: torch.Tensor,  # [num_tokens]
     ) -> None:
-        runner = self._runner(layer, kv_cache)
-        if runner.write_needs_metadata:
-            md = _step_metadata(layer.layer_name)
-            if md is None:  # profiling / warm-up run
-                return
-            runner.write(key, value, kv_cache, slot_mapping, md=md)
-        else:
-            runner.write(key, value, kv_cache, slot_mapping)
+        # md is None in profiling / warm-up runs
+        self._runner(layer, kv_cache).write(key, value, kv_cache, slot_mapping, _step_metadata(layer.layer_name))
 
     def forward(
         self,

@@ -59,14 +59,14 @@ from typing import Any, Callable, Sequence
 
 import torch
 
-from vllm_adaptive.config import (
-    CONFIG_KEY,
-    KIND_DEFAULTS,
-    SPARSE_KINDS,
-    parse_config,
-)
-from vllm_adaptive.pattern import SparsePattern
+from vllm_adaptive.config import CONFIG_KEY, KIND_DEFAULTS, parse_config
+from vllm_adaptive.kinds import KINDS
+from vllm_adaptive.sparse_pattern import SparsePattern
 from vllm_adaptive.text import real_text, source_description
+
+#: The kinds a placement is calibrated for: those with a position-only
+#: ``SparsePattern`` (release layers keep what their scorer says, not a pattern).
+PATTERN_KINDS: tuple[str, ...] = tuple(k for k, kind in KINDS.items() if kind.family == "sparse")
 
 #: The preset a calibrated map starts from, per sparse layer kind.
 PRESET_OF_KIND: dict[str, str] = {"sink_window": "longgen", "strided": "longgen-strided"}
@@ -188,10 +188,10 @@ def resolve_pattern(
 ) -> tuple[SparsePattern, dict[str, int]]:
     """The pattern of ``kind`` (preset defaults updated by ``overrides``),
     validated by :func:`parse_config`, and its complete config sub-dict."""
-    if kind not in SPARSE_KINDS:
-        raise ValueError(f"kind must be one of {list(SPARSE_KINDS)}, got {kind!r}")
+    if kind not in PATTERN_KINDS:
+        raise ValueError(f"kind must be one of {list(PATTERN_KINDS)}, got {kind!r}")
     cfg = parse_config({"preset": PRESET_OF_KIND[kind], kind: overrides}, num_layers)
-    return cfg.patterns[kind], {**KIND_DEFAULTS[kind], **overrides}
+    return cfg.kind_params[kind], {**KIND_DEFAULTS[kind], **overrides}
 
 
 def calibrate(
@@ -335,7 +335,7 @@ def _parser() -> argparse.ArgumentParser:
         description="Measure per layer the attention mass a sparse pattern would lose "
         "and write a layer map that keeps the neediest layers full.",
     )
-    ap.add_argument("--kind", choices=SPARSE_KINDS, default="sink_window",
+    ap.add_argument("--kind", choices=PATTERN_KINDS, default="sink_window",
                     help="sparse layer kind (preset longgen / longgen-strided)")
     ap.add_argument("--tokens", type=int, default=DEFAULT_TOKENS, help="tokens per window")
     ap.add_argument("--windows", type=int, default=DEFAULT_WINDOWS, help="number of windows")

@@ -24,16 +24,14 @@ from typing import Any
 
 from vllm_adaptive.errors import CONFIG_KEY, AdaptiveConfigError, config_error
 from vllm_adaptive.formats import DEFAULT_FORMAT, FORMATS
-from vllm_adaptive.formats.kivi import BITS, KiviParams, params_problem
-from vllm_adaptive.pattern import SparsePattern
-from vllm_adaptive.patterns import KINDS
+from vllm_adaptive.kinds import KINDS
 
 __all__ = ["CONFIG_KEY", "AdaptiveConfig", "AdaptiveConfigError", "parse_config"]
 
 #: Layer kinds this release implements (``patterns/``).
 LAYER_KINDS: tuple[str, ...] = tuple(KINDS)
 #: Kinds whose layers free KV blocks.
-SPARSE_KINDS: tuple[str, ...] = tuple(k for k, kind in KINDS.items() if kind.frees_blocks)
+FREEING_KINDS: tuple[str, ...] = tuple(k for k, kind in KINDS.items() if kind.frees_blocks)
 #: Each parameterised kind's default sub-dict (presets and users override key by key).
 KIND_DEFAULTS: dict[str, dict[str, Any]] = {k: dict(v.defaults) for k, v in KINDS.items() if v.defaults}
 
@@ -70,9 +68,8 @@ PRESETS: dict[str, dict[str, Any]] = {
     "longgen-adore": {"default_kind": "release", "full_layers": "middle_third"},
 }
 
-#: ``adaptive_attention.kivi``: the quantized format's parameters. ``null``
-#: group_size / residual mean the engine's block size.
-KIVI_DEFAULTS: dict[str, Any] = {"bits": 4, "group_size": None, "residual": None}
+#: Each KV format's parameter sub-dict (``formats/``: e.g. ``kivi``) and its defaults.
+FORMAT_DEFAULTS: dict[str, dict[str, Any]] = {f.key: dict(f.defaults) for f in FORMATS.values() if f.key}
 
 _DEFAULTS: dict[str, Any] = {
     "preset": None,
@@ -81,11 +78,11 @@ _DEFAULTS: dict[str, Any] = {
     "layer_kinds": None,
     "kernels": "auto",
     "kv_format": DEFAULT_FORMAT,
-    "kivi": dict(KIVI_DEFAULTS),
+    **copy.deepcopy(FORMAT_DEFAULTS),
     **copy.deepcopy(KIND_DEFAULTS),
 }
 #: Top-level keys whose dict value merges key by key over the preset's.
-_SUB_DICTS = (*KIND_DEFAULTS, "kivi")
+_SUB_DICTS = (*KIND_DEFAULTS, *FORMAT_DEFAULTS)
 
 
 @dataclass(frozen=True)
@@ -97,12 +94,12 @@ class AdaptiveConfig:
     kinds: tuple[str, ...] = field(repr=False)  # one per decoder layer
     kernels: Mapping[str, str] = field(default_factory=dict)  # per kind
     kv_formats: Mapping[str, str] = field(default_factory=dict)  # per kind
-    patterns: Mapping[str, SparsePattern] = field(default_factory=dict, repr=False)
-    kivi: KiviParams = field(default_factory=KiviParams)
+    kind_params: Mapping[str, Any] = field(default_factory=dict, repr=False)  # per kind with parameters
+    format_params: Mapping[str, Any] = field(default_factory=dict)  # per KV format with parameters
 
-    def kv_params(self, kind: str) -> KiviParams | None:
-        """The parameters of a kind's KV format (None for ``model_dtype``)."""
-        return self.kivi if self.kv_formats[kind] == "kivi" else None
+    def kv_params(self, kind: str) -> Any:
+        """The parameters of a kind's KV format (None for formats without)."""
+        return self.format_params.get(self.kv_formats[kind])
 
     def kind_of(self, layer_idx: int) -> str:
         if not 0 <= layer_idx < self.num_layers:
@@ -111,16 +108,17 @@ class AdaptiveConfig:
             )
         return self.kinds[layer_idx]
 
-    def pattern(self, kind: str) -> SparsePattern | None:
-        """The sparse pattern of a layer kind; None for ``full``."""
-        return self.patterns.get(kind)
+    def params(self, kind: str) -> Any:
+        """A layer kind's parameters (its sparse pattern, its release
+        parameters); None for ``full``."""
+        return self.kind_params.get(kind)
 
     @property
     def kinds_used(self) -> tuple[str, ...]:
         return tuple(sorted(set(self.kinds)))
 
     @property
-    def sparse_kinds_used(self) -> tuple[str, ...]:
+    def freeing_kinds_used(self) -> tuple[str, ...]:
         return tuple(k for k in self.kinds_used if KINDS[k].frees_blocks)
 
     @property
@@ -133,11 +131,11 @@ class AdaptiveConfig:
 
     def summary(self) -> str:
         counts = ", ".join(f"{self.kinds.count(k)} {k}" for k in self.kinds_used)
-        full = f", full layers {list(self.full_layer_indices)}" if self.sparse_kinds_used else ""
-        pats = "".join(f", {k}({self.patterns[k].describe()})" for k in self.sparse_kinds_used)
+        full = f", full layers {list(self.full_layer_indices)}" if self.freeing_kinds_used else ""
+        pats = "".join(f", {k}({self.kind_params[k].describe()})" for k in self.freeing_kinds_used)
         kernels = ",".join(sorted({self.kernels[k] for k in self.kinds_used}))
         formats = ",".join(sorted({
-            self.kv_formats[k] + (f"({p.describe()})" if (p := self.kv_params(k)) else "")
+            self.kv_formats[k] + (f"({FORMATS[self.kv_formats[k]].describe(p)})" if (p := self.kv_params(k)) else "")
             for k in self.kinds_used
         }))
         return (
@@ -221,8 +219,8 @@ def parse_config(raw: Any, num_layers: int) -> AdaptiveConfig:
         full = _full_layers(merged["full_layers"], num_layers)
         kinds = tuple("full" if i in full else default_kind for i in range(num_layers))
 
-    patterns = {k: KINDS[k].parse(merged[k]) for k in KIND_DEFAULTS}
-    kivi = _parse_kivi(merged["kivi"])
+    kind_params = {k: KINDS[k].parse(merged[k]) for k in KIND_DEFAULTS}
+    format_params = {f.name: f.parse(merged[f.key]) for f in FORMATS.values() if f.key}
     return AdaptiveConfig(
         preset=preset,
         default_kind=default_kind,
@@ -231,27 +229,9 @@ def parse_config(raw: Any, num_layers: int) -> AdaptiveConfig:
         kinds=kinds,
         kernels=kernels,
         kv_formats=kv_formats,
-        patterns=patterns,
-        kivi=kivi,
+        kind_params=kind_params,
+        format_params=format_params,
     )
-
-
-def _parse_kivi(value: Any) -> KiviParams:
-    keys = list(KIVI_DEFAULTS)
-    if not isinstance(value, Mapping):
-        raise config_error("kivi", f"a dict with keys {keys}", value)
-    unknown = sorted(set(value) - set(keys))
-    if unknown:
-        raise AdaptiveConfigError(f"{CONFIG_KEY}.kivi: unknown key(s) {unknown}; allowed keys are {keys}")
-    merged = {**KIVI_DEFAULTS, **value}
-    bits = merged["bits"]
-    if isinstance(bits, bool) or bits not in BITS:
-        raise config_error("kivi.bits", f"one of {list(BITS)}", bits)
-    for k in ("group_size", "residual"):
-        v = merged[k]
-        if v is not None and (not isinstance(v, int) or isinstance(v, bool) or v < 1):
-            raise config_error(f"kivi.{k}", "a positive int, or null for the block size", v)
-    return KiviParams(bits=bits, group_size=merged["group_size"], residual=merged["residual"])
 
 
 def middle_third(num_layers: int) -> tuple[int, ...]:
@@ -294,17 +274,3 @@ def raw_from_hf_config(hf_config: Any) -> Any:
 
 def from_hf_config(hf_config: Any) -> AdaptiveConfig:
     return parse_config(raw_from_hf_config(hf_config), num_layers_of(hf_config))
-
-
-def check_kivi_engine(params: KiviParams, block_size: int, max_model_len: int) -> None:
-    """The ``kivi`` checks that need the engine's block size and length."""
-    g = params.group_size or block_size
-    r = params.residual or block_size
-    bad = params_problem(g, r, block_size)
-    if bad:
-        key, allowed = bad
-        raise config_error(f"kivi.{key}", allowed, getattr(params, key))
-    if r > max_model_len:
-        raise config_error(
-            "kivi.residual", f"at most the model's length {max_model_len}", params.residual
-        )

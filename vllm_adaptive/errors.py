@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Any
 
 CONFIG_KEY = "adaptive_attention"
@@ -14,3 +15,15 @@ class AdaptiveConfigError(ValueError):
 
 def config_error(key: str, allowed: str, got: Any) -> AdaptiveConfigError:
     return AdaptiveConfigError(f"{CONFIG_KEY}.{key}: expected {allowed}, got {got!r}")
+
+
+def merged_sub_dict(key: str, defaults: dict[str, Any], value: Any) -> dict[str, Any]:
+    """A sub-dict of ``adaptive_attention`` (a layer kind's or a KV format's):
+    ``value``, which may hold only ``defaults``' keys, merged over them."""
+    keys = list(defaults)
+    if not isinstance(value, Mapping):
+        raise config_error(key, f"a dict with keys {keys}", value)
+    unknown = sorted(set(value) - set(keys))
+    if unknown:
+        raise AdaptiveConfigError(f"{CONFIG_KEY}.{key}: unknown key(s) {unknown}; allowed keys are {keys}")
+    return {**defaults, **value}

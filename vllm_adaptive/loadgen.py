@@ -8,21 +8,23 @@ the client closes before the answer (``disconnect``). ``run_load`` sends all of
 them at once; ``serve_alone`` sends each unique prompt by itself afterwards;
 ``compare`` says which answers differ from the request served alone.
 Greedy (temperature 0) with ``ignore_eos``, so every answer has exactly
-``max_tokens`` tokens.
+``max_tokens`` tokens (counted by the server: a streamed chunk can carry
+more than one token when the server falls behind).
+
+Every answer carries its two best tokens and their logprobs at each step, so
+``compare`` can tell a real difference from a near tie (``follows``): the
+same prompt in another batch sums its float32 GEMMs in another order, and
+greedy decoding then parts wherever the two best tokens were closer than that.
 """
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
+import math
 import random
 import re
-import socket
-import subprocess
-import sys
 import time
 from dataclasses import dataclass, field
-from pathlib import Path
 
 MODEL = "smollm2"
 MODES = ("plain", "stream", "abort", "disconnect")
@@ -50,6 +52,8 @@ class Answer:
     ttft_s: float | None = None
     latency_s: float = 0.0
     chunks: int = 0
+    # per generated token: [[token, logprob], ...], the chosen token first, then the runner-up
+    steps: list = field(default_factory=list)
 
 
 @dataclass
@@ -102,8 +106,22 @@ def make_requests(tokenizer, *, max_model_len: int, n: int = 100, seed: int = 0)
 
 
 def _body(prompt: str, max_tokens: int, stream: bool) -> dict:
-    return {"model": MODEL, "prompt": prompt, "max_tokens": max_tokens, "temperature": 0,
-            "ignore_eos": True, "stream": stream}
+    body = {"model": MODEL, "prompt": prompt, "max_tokens": max_tokens, "temperature": 0,
+            "ignore_eos": True, "stream": stream, "logprobs": 2, "return_tokens_as_token_ids": True}
+    if stream:
+        body["stream_options"] = {"include_usage": True}  # the token count, in a last chunk
+    return body
+
+
+def _steps(logprobs: dict | None) -> list:
+    """The completions API's ``logprobs`` of some tokens as ``Answer.steps``."""
+    if not logprobs:
+        return []
+    out = []
+    for tok, lp, top in zip(logprobs["tokens"], logprobs["token_logprobs"], logprobs["top_logprobs"]):
+        others = sorted(((t, v) for t, v in (top or {}).items() if t != tok), key=lambda x: -x[1])
+        out.append([[tok, lp], *[list(x) for x in others[:1]]])
+    return out
 
 
 async def _one(client, base: str, r: Req) -> Answer:
@@ -131,6 +149,7 @@ async def _one(client, base: str, r: Req) -> Answer:
                 ch = data["choices"][0]
                 ans.text, ans.finish_reason = ch["text"], ch["finish_reason"]
                 ans.completion_tokens = data["usage"]["completion_tokens"]
+                ans.steps = _steps(ch.get("logprobs"))
                 ans.ok = True
             else:
                 ans.error = resp.text[:500]
@@ -146,20 +165,21 @@ async def _one(client, base: str, r: Req) -> Answer:
                     if not line.startswith("data: ") or line == "data: [DONE]":
                         continue
                     chunk = json.loads(line[6:])
+                    if chunk.get("usage"):
+                        ans.completion_tokens = chunk["usage"]["completion_tokens"]
                     if not chunk.get("choices"):
                         continue
                     ch = chunk["choices"][0]
                     if ans.ttft_s is None and ch.get("text"):
                         ans.ttft_s = time.perf_counter() - t0
                     pieces.append(ch.get("text") or "")
+                    ans.steps += _steps(ch.get("logprobs"))
                     ans.chunks += 1
                     ans.finish_reason = ch.get("finish_reason") or ans.finish_reason
                     if r.mode == "abort" and ans.chunks >= 2:
                         break  # leaving the block closes the stream mid-answer
                 ans.text = "".join(pieces)
                 ans.ok = r.mode == "abort" or ans.finish_reason is not None
-                if r.mode == "stream":
-                    ans.completion_tokens = ans.chunks
     except Exception as e:  # noqa: BLE001 - every failure is reported, none raised
         ans.error = f"{type(e).__name__}: {e}"
     finally:
@@ -181,8 +201,8 @@ def run_load(base: str, mix: Mix, timeout: float = 900) -> list[Answer]:
     return sorted(answers, key=lambda a: a.idx)
 
 
-def serve_alone(base: str, mix: Mix, timeout: float = 300) -> dict[int, str]:
-    """Each unique prompt, one at a time: the reference texts."""
+def serve_alone(base: str, mix: Mix, timeout: float = 300) -> dict[int, Answer]:
+    """Each unique prompt, one at a time: the reference answers."""
     import httpx
 
     out = {}
@@ -190,12 +210,52 @@ def serve_alone(base: str, mix: Mix, timeout: float = 300) -> dict[int, str]:
         for k, (prompt, max_tokens) in mix.uniques.items():
             r = client.post(base + "/v1/completions", json=_body(prompt, max_tokens, False))
             r.raise_for_status()
-            out[k] = r.json()["choices"][0]["text"]
+            ch = r.json()["choices"][0]
+            out[k] = Answer(-1, "alone", True, text=ch["text"], finish_reason=ch["finish_reason"],
+                            steps=_steps(ch.get("logprobs")))
     return out
 
 
-def compare(mix: Mix, answers: list[Answer], alone: dict[int, str]) -> list[str]:
-    """Problems: failed requests, wrong lengths, texts that differ from alone."""
+def follows(reference: list, other: list, tol: float) -> str | None:
+    """What is wrong with greedy ``other`` against ``reference`` (per step:
+    ``[[token, logprob], ...]``, the chosen token first, then at least the
+    runner-up of ``reference``), or None.
+
+    Up to where the tokens part, the logprob of each token both rank is the
+    same within ``tol``; the tokens may part only on a near tie (the
+    reference's two best within ``2 * tol``, and ``other`` chose the
+    runner-up), and comparing stops there: the contexts differ."""
+    for j, (s, r) in enumerate(zip(reference, other)):
+        if not all(math.isfinite(lp) for _, lp in s + r):
+            return f"step {j}: a logprob is not finite ({s} against {r})"
+        theirs = dict((t, lp) for t, lp in r)
+        for t, lp in s:
+            if t in theirs and abs(lp - theirs[t]) > tol:
+                return f"step {j}: token {t} has logprob {lp:.5f}, against {theirs[t]:.5f}"
+        if s[0][0] != r[0][0]:
+            if len(s) < 2 or r[0][0] != s[1][0] or s[0][1] - s[1][1] > 2 * tol:
+                return f"step {j}: token {r[0][0]} against {s[0][0]}, not a near tie ({s})"
+            return None
+    if len(reference) != len(other):
+        return f"{len(other)} steps against {len(reference)}"
+    return None
+
+
+def largest_difference(reference: list, other: list) -> float:
+    """The largest logprob difference of a token both rank, before the tokens part."""
+    diffs = [0.0]
+    for s, r in zip(reference, other):
+        theirs = dict((t, lp) for t, lp in r)
+        diffs += [abs(lp - theirs[t]) for t, lp in s if t in theirs]
+        if s[0][0] != r[0][0]:
+            break
+    return max(diffs)
+
+
+def compare(mix: Mix, answers: list[Answer], alone: dict[int, Answer], tie_tol: float | None = None) -> list[str]:
+    """Problems: failed requests, wrong lengths, texts that differ from alone.
+    With ``tie_tol``, a text that parts from alone's on a near tie is no
+    problem, and one that does not part must agree in logprobs (``follows``)."""
     by_idx = {r.idx: r for r in mix.requests}
     problems = []
     for a in answers:
@@ -208,8 +268,12 @@ def compare(mix: Mix, answers: list[Answer], alone: dict[int, str]) -> list[str]
         if a.finish_reason != "length" or a.completion_tokens != r.max_tokens:
             problems.append(f"request {a.idx} ({a.mode}): finish {a.finish_reason}, "
                             f"{a.completion_tokens} tokens, expected {r.max_tokens}")
-        if a.text != alone[r.key]:
-            problems.append(f"request {a.idx} ({a.mode}, prompt {r.key}): {a.text!r} != alone {alone[r.key]!r}")
+        ref = alone[r.key]
+        why = "text" if a.text != ref.text else None
+        if tie_tol is not None:
+            why = follows(ref.steps, a.steps, tie_tol)
+        if why:
+            problems.append(f"request {a.idx} ({a.mode}, prompt {r.key}): {a.text!r} != alone {ref.text!r} ({why})")
     return problems
 
 
@@ -251,46 +315,3 @@ def wait_idle(base: str, timeout: float = 120) -> str:
         if time.time() > deadline:
             raise AssertionError(f"server not idle after {timeout} s:\n{text[-3000:]}")
         time.sleep(1.0)
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-@contextlib.contextmanager
-def served(preset: str | None, args: tuple[str, ...], env: dict, log_path: Path, cwd=None,
-           timeout: float = 600):
-    """``vllm-adaptive serve`` (the README's command) on a free loopback port,
-    with ``--preset preset``, or stock vLLM (``--attention-backend CPU_ATTN``)
-    when ``preset`` is None; yields ``(base_url, process)`` once ``/health``
-    answers and stops the server afterwards."""
-    import requests
-
-    port = free_port()
-    which = ["--preset", preset] if preset is not None else ["--attention-backend", "CPU_ATTN"]
-    cmd = [sys.executable, "-m", "vllm_adaptive.cli", "serve", *which, "--port", str(port), *args]
-    with open(log_path, "w") as log:
-        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, cwd=cwd, env=env)
-        base = f"http://127.0.0.1:{port}"
-        deadline = time.time() + timeout
-        try:
-            while True:
-                if proc.poll() is not None:
-                    raise AssertionError(f"server exited rc={proc.returncode}:\n{log_path.read_text()[-5000:]}")
-                try:
-                    if requests.get(base + "/health", timeout=2).status_code == 200:
-                        break
-                except requests.RequestException:
-                    pass
-                if time.time() > deadline:
-                    raise AssertionError(f"server not healthy in time:\n{log_path.read_text()[-5000:]}")
-                time.sleep(2)
-            yield base, proc
-        finally:
-            proc.terminate()
-            try:
-                proc.wait(timeout=60)
-            except subprocess.TimeoutExpired:
-                proc.kill()

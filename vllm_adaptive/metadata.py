@@ -26,10 +26,13 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from vllm_adaptive.runners.base import StepPlan
-
 if TYPE_CHECKING:
     from vllm.v1.attention.backend import CommonAttentionMetadata
+
+
+class StepPlan:
+    """Base of the per-step plans runners make in ``Runner.plan`` and put into
+    ``AdaptiveMetadata.step`` (one per KV-cache group and step)."""
 
 
 @dataclass
@@ -47,6 +50,6 @@ class AdaptiveMetadata:
     # vLLM's CommonAttentionMetadata of the step (for vLLM's own helpers,
     # e.g. split_decodes_and_prefills)
     common: "CommonAttentionMetadata | None" = None
-    # The group's runner's per-step plan (runners/base.py), made once per
+    # The group's runner's per-step plan (``Runner.plan``), made once per
     # step in the builder and read by every layer of the group.
     step: StepPlan | None = None

@@ -22,11 +22,11 @@ import json
 from dataclasses import dataclass
 from typing import Any
 
-from vllm_adaptive.config import AdaptiveConfig, check_kivi_engine, num_layers_of, parse_config, raw_from_hf_config
+from vllm_adaptive.config import AdaptiveConfig, num_layers_of, parse_config, raw_from_hf_config
 from vllm_adaptive.errors import AdaptiveConfigError
+from vllm_adaptive.formats import FORMATS
 from vllm_adaptive.kv.specs import NULL_BLOCK_ID
-from vllm_adaptive.pattern import SparsePattern
-from vllm_adaptive.patterns import KINDS, PatternKind
+from vllm_adaptive.kinds import KINDS, LayerKind
 from vllm_adaptive.runners import AUTO_PATHS, RUNNERS, Runner
 
 
@@ -34,19 +34,19 @@ from vllm_adaptive.runners import AUTO_PATHS, RUNNERS, Runner
 class LayerPlan:
     layer_idx: int
     kind: str
-    pattern: SparsePattern | None
+    params: Any  # the kind's parameters: a SparsePattern, ReleaseParams, or None (full)
     kv_format: str
     path: str
     runner: type[Runner]
-    kv_params: Any = None  # the KV format's parameters (KiviParams), None for model_dtype
+    kv_params: Any = None  # the KV format's parameters (formats/), None for formats without
 
     @property
-    def pattern_kind(self) -> PatternKind:
+    def layer_kind(self) -> LayerKind:
         return KINDS[self.kind]
 
     @property
     def frees_blocks(self) -> bool:
-        return self.pattern_kind.frees_blocks
+        return self.layer_kind.frees_blocks
 
 
 @dataclass(frozen=True)
@@ -62,6 +62,12 @@ class ModelPlan:
         = 0, checked by every manager): sparse runners never store tokens there."""
         return (NULL_BLOCK_ID + 1) * self.block_size
 
+    @property
+    def mixes_kv_formats(self) -> bool:
+        """Whether layers of different KV formats share cache tensors and blocks
+        (``runner.Geometry.foreign_pages``)."""
+        return len({p.kv_format for p in self.layers}) > 1
+
     def layer(self, layer_idx: int) -> LayerPlan:
         self.config.kind_of(layer_idx)  # IndexError naming the table
         return self.layers[layer_idx]
@@ -76,8 +82,8 @@ class ModelPlan:
         ``extra`` = (column title, value per layer index) adds a column."""
         rows: dict[tuple, list[int]] = {}
         for p in self.layers:
-            pat = p.pattern.describe() if p.pattern else "-"
-            fmt = p.kv_format + (f"({p.kv_params.describe()})" if p.kv_params else "")
+            pat = p.params.describe() if p.params else "-"
+            fmt = p.kv_format + (f"({FORMATS[p.kv_format].describe(p.kv_params)})" if p.kv_params else "")
             more = extra[1][p.layer_idx] if extra else ""
             rows.setdefault((p.kind, pat, fmt, p.path, more), []).append(p.layer_idx)
         title = f"{extra[0]:<22} " if extra else ""
@@ -99,14 +105,14 @@ def _ranges(idx: list[int]) -> str:
 
 def _choose(cfg: AdaptiveConfig, i: int, kind: str, block_size: int, device_type: str) -> tuple[str, type[Runner]]:
     pk = KINDS[kind]
-    pattern, fmt, wanted = cfg.pattern(kind), cfg.kv_formats[kind], cfg.kernels[kind]
+    params, fmt, wanted = cfg.params(kind), cfg.kv_formats[kind], cfg.kernels[kind]
     where = f"layer {i} ({kind}, kv_format {fmt})"
     key = "kernels" if len(set(cfg.kernels.values())) == 1 else f"kernels.{kind}"
     if wanted == "auto":
         reasons = []
         for path in AUTO_PATHS.get(device_type, ("torch",)):
             runner = RUNNERS.get((pk.family, fmt, path))
-            why = "no runner" if runner is None else runner.unsupported(pattern, block_size)
+            why = "no runner" if runner is None else runner.unsupported(params, block_size)
             if why is None:
                 return path, runner
             reasons.append(f"{path}: {why}")
@@ -126,7 +132,7 @@ def _choose(cfg: AdaptiveConfig, i: int, kind: str, block_size: int, device_type
             f"adaptive_attention.{key}: expected a kernel path that runs on {device_type}, "
             f"got {wanted!r} ({wanted} runs on {', '.join(runner.devices)} only)"
         )
-    why = runner.unsupported(pattern, block_size)
+    why = runner.unsupported(params, block_size)
     if why is not None:
         raise AdaptiveConfigError(
             f"adaptive_attention.{key}: {wanted!r} cannot run {where}: {why}. "
@@ -138,9 +144,8 @@ def _choose(cfg: AdaptiveConfig, i: int, kind: str, block_size: int, device_type
 def resolve(cfg: AdaptiveConfig, *, block_size: int, device_type: str, max_model_len: int) -> ModelPlan:
     """Every layer's plan; raises AdaptiveConfigError naming the key and layer."""
     for kind in cfg.kinds_used:
-        KINDS[kind].check_engine(cfg.pattern(kind), block_size, max_model_len)
-        if cfg.kv_params(kind) is not None:
-            check_kivi_engine(cfg.kv_params(kind), block_size, max_model_len)
+        KINDS[kind].check_engine(cfg.params(kind), block_size, max_model_len)
+        FORMATS[cfg.kv_formats[kind]].check_engine(cfg.kv_params(kind), block_size, max_model_len)
     chosen: dict[str, tuple[str, type[Runner]]] = {}
     layers = []
     for i, kind in enumerate(cfg.kinds):
@@ -148,7 +153,7 @@ def resolve(cfg: AdaptiveConfig, *, block_size: int, device_type: str, max_model
             chosen[kind] = _choose(cfg, i, kind, block_size, device_type)
         path, runner = chosen[kind]
         layers.append(LayerPlan(
-            i, kind, cfg.pattern(kind), cfg.kv_formats[kind], path, runner, cfg.kv_params(kind)
+            i, kind, cfg.params(kind), cfg.kv_formats[kind], path, runner, cfg.kv_params(kind)
         ))
     return ModelPlan(cfg, tuple(layers), block_size, device_type)
 

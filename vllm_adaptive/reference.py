@@ -123,7 +123,7 @@ def sparse_attention_ref(
     query_start_loc: torch.Tensor,  # [num_reqs + 1]
     seq_lens: torch.Tensor,  # [num_reqs]
     scale: float,
-    pattern,  # vllm_adaptive.pattern.SparsePattern
+    pattern,  # vllm_adaptive.sparse_pattern.SparsePattern
 ) -> torch.Tensor:
     """Dense masked attention in float32 over the pattern's keys."""
     num_kv_heads = key_cache.shape[1]

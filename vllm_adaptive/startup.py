@@ -10,15 +10,21 @@ selection, and ``kv_spec_for_layer`` from ``Attention.get_kv_cache_spec``.
 
 from __future__ import annotations
 
+import hashlib
 import os
-
 from typing import Any
 
 from vllm.logger import init_logger
 
 from vllm_adaptive import BACKEND_NAME
-from vllm_adaptive.config import AdaptiveConfig, from_hf_config, raw_from_hf_config
+from vllm_adaptive.backend import AdaptiveBackend
+from vllm_adaptive.config import AdaptiveConfig, from_hf_config, num_layers_of, raw_from_hf_config
 from vllm_adaptive.errors import CONFIG_KEY
+from vllm_adaptive.formats import FORMATS
+from vllm_adaptive.kinds import KINDS
+from vllm_adaptive.kv import register_kv_specs
+from vllm_adaptive.metrics import METRICS_DIR_ENV, publish_static
+from vllm_adaptive.plan import plan_for
 
 # Under the "vllm" logger so vLLM's handler and log level apply to our lines.
 logger = init_logger("vllm.adaptive")
@@ -26,8 +32,6 @@ logger = init_logger("vllm.adaptive")
 
 def check_selectable(attn_selector_config) -> None:
     """Raise, with the backend's reasons, if ADAPTIVE cannot serve this layer."""
-    from vllm_adaptive.backend import AdaptiveBackend
-
     reasons = AdaptiveBackend.validate_configuration(
         device_capability=None, **attn_selector_config._asdict()
     )
@@ -76,85 +80,50 @@ def validate_vllm_config(vllm_config: Any) -> None:
     cfg = from_hf_config(hf_config)
     if raw is None:
         logger.info("No %r in the model config: using preset 'full'.", CONFIG_KEY)
-    if cfg.sparse_kinds_used:
+    if cfg.freeing_kinds_used:
         _check_block_freeing_engine(cfg, vllm_config)
 
 
 def _check_block_freeing_engine(cfg: AdaptiveConfig, vllm_config: Any) -> None:
-    kinds = ", ".join(cfg.sparse_kinds_used)
+    kinds = _freeing_layers(cfg)
     if vllm_config.speculative_config is not None:
         raise ValueError(
-            f"{CONFIG_KEY}: sparse layers ({kinds}) do not support speculative "
+            f"{CONFIG_KEY}: {kinds} do not support speculative "
             "decoding (rejected draft tokens would need freed blocks back)"
         )
-    if "release" in cfg.kinds_used:
-        _setup_release(cfg, vllm_config)
-    elif vllm_config.kv_transfer_config is not None:
+    # kinds that need engine settings set them (release layers: their connector)
+    for kind in cfg.kinds_used:
+        KINDS[kind].prepare_engine(cfg, vllm_config, logger)
+    ktc = vllm_config.kv_transfer_config
+    if ktc is not None and ktc.kv_connector not in {KINDS[k].kv_connector for k in cfg.kinds_used}:
         raise ValueError(
-            f"{CONFIG_KEY}: sparse layers ({kinds}) do not support KV transfer "
-            "connectors (their block tables hold freed, null blocks)"
+            f"{CONFIG_KEY}: {kinds} do not support KV transfer "
+            f"connectors such as {ktc.kv_connector!r} (their block tables hold freed, null blocks)"
         )
     if vllm_config.scheduler_config.disable_hybrid_kv_cache_manager:
         raise ValueError(
-            f"{CONFIG_KEY}: sparse layers ({kinds}) need vLLM's hybrid KV cache "
+            f"{CONFIG_KEY}: {kinds} need vLLM's hybrid KV cache "
             "manager, which frees their blocks; drop --disable-hybrid-kv-cache-manager"
         )
     cache = vllm_config.cache_config
     if cache.enable_prefix_caching:
         cache.enable_prefix_caching = False
         logger.info(
-            "%s: prefix caching switched off: sparse layers (%s) free KV blocks "
+            "%s: prefix caching switched off: %s free KV blocks "
             "(outside their pattern, or beyond their budget), so a cached prefix "
             "cannot be reused.",
             BACKEND_NAME, kinds,
         )
 
 
-def _setup_release(cfg: AdaptiveConfig, vllm_config: Any) -> None:
-    """Release layers: their connector (the worker <-> scheduler channel,
-    ``importance/channel.py``), the per-request prefill chunk, and the
-    controller's fit to the model."""
-    from vllm.config import KVTransferConfig
-
-    from vllm_adaptive.importance.channel import CONNECTOR_NAME, MODULE_PATH
-
-    params = cfg.pattern("release")
-    ktc = vllm_config.kv_transfer_config
-    if ktc is None:
-        vllm_config.kv_transfer_config = KVTransferConfig(
-            kv_connector=CONNECTOR_NAME, kv_connector_module_path=MODULE_PATH, kv_role="kv_both",
-        )
-        logger.info("%s: release layers report importance scores through KV connector %s.",
-                    BACKEND_NAME, CONNECTOR_NAME)
-    elif ktc.kv_connector != CONNECTOR_NAME:
-        raise ValueError(
-            f"{CONFIG_KEY}: release layers need their own KV connector ({CONNECTOR_NAME}), "
-            f"but --kv-transfer-config sets {ktc.kv_connector!r}; drop it"
-        )
-    sched = vllm_config.scheduler_config
-    if not sched.long_prefill_token_threshold:
-        sched.long_prefill_token_threshold = params.prefill_chunk
-        logger.info(
-            "%s: long_prefill_token_threshold=%d (release.prefill_chunk): a release layer "
-            "holds its budget plus one step's tokens per request.",
-            BACKEND_NAME, params.prefill_chunk,
-        )
-    if params.scorer == "gru":
-        from vllm_adaptive.config import num_layers_of
-        from vllm_adaptive.importance.controller import check_controller_fits, load_controller
-
-        model = vllm_config.model_config
-        ctl = load_controller(params.controller)
-        check_controller_fits(ctl, num_layers_of(model.hf_config),
-                              model.get_total_num_kv_heads(), model.get_head_size())
-        if cfg.kinds[ctl.layer] != "release":
-            raise ValueError(
-                f"{CONFIG_KEY}.release.controller: the controller reads layer {ctl.layer}'s "
-                f"values, but the layer map (layer_kinds / full_layers / default_kind) makes that "
-                f"layer {cfg.kinds[ctl.layer]!r}, not a release layer; make layer {ctl.layer} a "
-                "release layer, set release.scorer to h2o, recent or quest, or pass a controller "
-                "trained on a release layer"
-            )
+def _freeing_layers(cfg: AdaptiveConfig) -> str:
+    """The block-freeing layers by name, for messages: "sparse layers
+    (sink_window)", "release layers", or both."""
+    sparse = [k for k in cfg.freeing_kinds_used if k != "release"]
+    parts = [f"sparse layers ({', '.join(sparse)})"] if sparse else []
+    if "release" in cfg.freeing_kinds_used:
+        parts.append("release layers")
+    return " and ".join(parts)
 
 
 #: set once the start-up table is logged; processes that inherit it (the
@@ -168,13 +137,7 @@ def finalize_vllm_config(vllm_config: Any) -> None:
     model_config = vllm_config.model_config
     if model_config is None or not _is_ours(vllm_config.attention_config.backend):
         return
-    from vllm_adaptive.plan import plan_for
-
     plan = plan_for(vllm_config)
-    from vllm_adaptive.metrics import METRICS_DIR_ENV, publish_static
-
-    import hashlib
-
     key = hashlib.sha1(f"{plan.table()}|{vllm_config.model_config.max_model_len}".encode()).hexdigest()[:12]
     if os.environ.get(_LOGGED_ENV) == f"{os.environ.get(METRICS_DIR_ENV)}:{key}":
         return  # the engine core of a server that already logged and published this plan
@@ -203,8 +166,6 @@ def capacity_rows(vllm_config: Any) -> tuple[list[dict[str, Any]], float]:
     from vllm.utils.torch_utils import kv_cache_dtype_str_to_dtype
     from vllm.v1.kv_cache_interface import FullAttentionSpec
 
-    from vllm_adaptive.config import num_layers_of
-
     model = vllm_config.model_config
     full = FullAttentionSpec(
         block_size=vllm_config.cache_config.block_size,
@@ -226,10 +187,6 @@ def capacity_rows(vllm_config: Any) -> tuple[list[dict[str, Any]], float]:
 def kv_spec_for_layer(layer_name: str, spec, vllm_config: Any):
     """The KV-cache spec of an ADAPTIVE layer: its kind's spec, shaped by its
     runner (``in_step_free``) and its KV format."""
-    from vllm_adaptive.formats import FORMATS
-    from vllm_adaptive.kv import register_kv_specs
-    from vllm_adaptive.plan import plan_for
-
     lp = plan_for(vllm_config).for_layer_name(layer_name)
     if lp.frees_blocks or lp.kv_params is not None:
         register_kv_specs()
@@ -238,10 +195,8 @@ def kv_spec_for_layer(layer_name: str, spec, vllm_config: Any):
         # a request computes at most this many tokens per step (when it is
         # not alone: a lone request may take a whole batch, see docs)
         chunk = min(chunk, vllm_config.scheduler_config.long_prefill_token_threshold)
-    spec = lp.pattern_kind.kv_spec(
-        spec, lp.pattern, chunk_tokens=chunk,
+    spec = lp.layer_kind.kv_spec(
+        spec, lp.params, chunk_tokens=chunk,
         in_step_free=lp.runner.in_step_free,
     )
-    if lp.kv_params is not None:
-        return FORMATS[lp.kv_format].customize_spec(spec, lp.kv_params)
-    return FORMATS[lp.kv_format].customize_spec(spec)
+    return FORMATS[lp.kv_format].kv_spec(spec, lp.kv_params)

@@ -51,6 +51,7 @@ from dataclasses import dataclass, replace
 
 import torch
 
+from vllm_adaptive.errors import config_error
 from vllm_adaptive.formats.base import KVFormat
 
 BITS = (8, 4, 2)
@@ -212,18 +213,52 @@ class KiviViews:
 
 class KiviFormat(KVFormat):
     name = "kivi"
+    key = "kivi"
+    #: ``null`` group_size / residual mean the engine's block size.
+    defaults = {"bits": 4, "group_size": None, "residual": None}
 
-    # Bytes per token depend on the block size and parameters:
-    # ``KiviLayout.bytes_per_token`` (the base method is not overridden).
+    def parse(self, value) -> KiviParams:
+        merged = self._merged(value)
+        bits = merged["bits"]
+        if isinstance(bits, bool) or bits not in BITS:
+            raise config_error("kivi.bits", f"one of {list(BITS)}", bits)
+        for k in ("group_size", "residual"):
+            v = merged[k]
+            if v is not None and (not isinstance(v, int) or isinstance(v, bool) or v < 1):
+                raise config_error(f"kivi.{k}", "a positive int, or null for the block size", v)
+        return KiviParams(**merged)
 
-    def split(self, kv_cache):
-        raise TypeError("kivi pages are not K/V arrays; use KiviLayout.views")
+    def describe(self, params: KiviParams) -> str:
+        return params.describe()
 
-    def customize_spec(self, spec, params=None):
+    def check_engine(self, params: KiviParams, block_size: int, max_model_len: int) -> None:
+        g = params.group_size or block_size
+        r = params.residual or block_size
+        bad = params_problem(g, r, block_size)
+        if bad:
+            key, allowed = bad
+            raise config_error(f"kivi.{key}", allowed, getattr(params, key))
+        if r > max_model_len:
+            raise config_error("kivi.residual", f"at most the model's length {max_model_len}", params.residual)
+
+    def kv_spec(self, spec, params: KiviParams):
         """Packed page size (``state_content_bytes``) and the residual pages
         each request holds (``residual_blocks``, see ``kv/specs.py``)."""
+        # lazy: kv.specs subclasses vLLM's spec classes, and the kernels that
+        # read this format's layout must import without vLLM (kernels/__init__.py)
         from vllm_adaptive.kv.specs import with_residual_blocks
 
-        layout = KiviLayout.of(params or KiviParams(), spec.block_size, spec.head_size, spec.dtype)
+        layout = KiviLayout.of(params, spec.block_size, spec.head_size, spec.dtype)
         spec = replace(spec, state_content_bytes=layout.token_bytes)
         return with_residual_blocks(spec, layout.residual_pages)
+
+    def layout(self, geometry) -> KiviLayout:
+        """The page layout of a runner's layers; raises naming the key if impossible."""
+        layout = KiviLayout.of(geometry.kv_params, geometry.block_size, geometry.head_size, geometry.dtype)
+        why = layout.check()
+        if why:
+            raise ValueError(f"adaptive_attention.kivi: {why}")
+        return layout
+
+    def views(self, kv_cache: torch.Tensor, geometry) -> KiviViews:
+        return self.layout(geometry).views(kv_cache)

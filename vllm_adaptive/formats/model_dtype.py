@@ -21,10 +21,8 @@ from vllm_adaptive.formats.base import KVFormat
 class ModelDtypeFormat(KVFormat):
     name = "model_dtype"
 
-    def bytes_per_token(self, num_kv_heads: int, head_size: int, dtype: torch.dtype) -> int:
-        return 2 * num_kv_heads * head_size * torch.empty((), dtype=dtype).element_size()
-
-    def split(self, kv_cache: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def views(self, kv_cache: torch.Tensor, geometry=None) -> tuple[torch.Tensor, torch.Tensor]:
+        """(key cache, value cache), each ``[num_blocks, num_kv_heads, block_size, head_size]``."""
         return split_kv_cache(kv_cache)
 
 
@@ -37,3 +35,18 @@ def split_kv_cache(kv_cache: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     num_blocks, num_kv_heads, block_size, two_d = kv_cache.shape
     pages = kv_cache.view(num_blocks, num_kv_heads, 2 * block_size, two_d // 2)
     return pages[:, :, :block_size], pages[:, :, block_size:]
+
+
+def clear_started_blocks(kv_cache: torch.Tensor, slot_mapping: torch.Tensor, min_slot: int = 0) -> None:
+    """Zero every page whose first slot this step writes (slots below
+    ``min_slot`` excepted: the null block's). For kernels that read whole
+    pages and mask the unwritten slots only by their scores (vLLM's CPU
+    attention: a zero probability times a NaN value is NaN), when a block may
+    arrive holding another format's bytes (``Geometry.foreign_pages``). A
+    block's first slot is always written before its others (a request fills
+    its blocks in order; prefix-cache hits are whole blocks), so every page
+    such a kernel reads was cleared when its owner started it."""
+    bs = kv_cache.shape[2]
+    starts = slot_mapping[(slot_mapping % bs == 0) & (slot_mapping >= min_slot)]
+    if starts.numel():
+        kv_cache[torch.div(starts, bs, rounding_mode="floor")] = 0

@@ -1,4 +1,5 @@
-"""ADORE's importance machinery: the GRU controller (``controller.py``,
-trained by ``train.py``), the scorers behind one interface (``scorers/``),
-the worker-side scoring of a step (``worker.py``) and the KV connector that
-carries scores to the scheduler and copies back down (``channel.py``)."""
+"""ADORE's importance machinery, shared by every side: the scorers behind one
+``score()`` interface (``scorers/``), the GRU controller they may use
+(``controller.py``), how scores combine (``rules.py``), and the controller's
+offline training (``train.py``, ``vllm-adaptive train-controller``). What
+runs in the engine around them is ``release/``."""

@@ -25,7 +25,7 @@ import torch
 
 from vllm_adaptive.kernels.batch import requests
 from vllm_adaptive.kernels.torch_sparse import needed_blocks
-from vllm_adaptive.pattern import SparsePattern
+from vllm_adaptive.sparse_pattern import SparsePattern
 
 
 @dataclass

@@ -35,7 +35,7 @@ import torch.nn.functional as F
 
 from vllm_adaptive.formats.kivi import SCALE_DTYPE, KiviLayout, KiviViews
 from vllm_adaptive.kernels.batch import requests
-from vllm_adaptive.pattern import SparsePattern
+from vllm_adaptive.sparse_pattern import SparsePattern
 
 # --------------------------------------------------------------- pack / unpack
 

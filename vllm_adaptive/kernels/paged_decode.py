@@ -14,6 +14,8 @@ import torch
 from vllm_adaptive.kernels import _triton, split_kv
 from vllm_adaptive.kernels._triton import tl
 from vllm_adaptive.kernels.checks import check_paged_attention
+from vllm_adaptive.kernels.split_kv import store_partials
+from vllm_adaptive.kernels.triton_common import softmax_step
 
 
 def _paged_decode_split_kernel(
@@ -75,23 +77,16 @@ def _paged_decode_split_kernel(
             mask=kv_mask, other=0.0,
         ).to(tl.float32)  # [BLOCK_SIZE, HEAD_PAD]
         s = tl.sum(q[:, None, :] * k[None, :, :], axis=2) * scale  # [GROUP_PAD, BLOCK_SIZE]
-        s = tl.where(k_ok[None, :], s, -1.0e30)
-        m_new = tl.maximum(m_i, tl.max(s, axis=1))
-        alpha = tl.exp(m_i - m_new)
-        p = tl.where(k_ok[None, :], tl.exp(s - m_new[:, None]), 0.0)
-        v = tl.load(
+        v = tl.load(  # before the softmax's reductions, so the load overlaps them
             v_cache_ptr + page * stride_v_blk + kv_head * stride_v_head
             + offs_n[:, None] * stride_v_tok + d[None, :],
             mask=kv_mask, other=0.0,
         ).to(tl.float32)  # [BLOCK_SIZE, HEAD_PAD]
-        l_i = l_i * alpha + tl.sum(p, axis=1)
+        p, alpha, m_i, l_i = softmax_step(s, k_ok[None, :], m_i, l_i)
         acc = acc * alpha[:, None] + tl.sum(p[:, :, None] * v[None, :, :], axis=1)
-        m_i = m_new
 
-    part = (req * num_heads + head) * NUM_SPLITS + split  # [GROUP_PAD]
-    tl.store(m_part_ptr + part, m_i, mask=g_ok)
-    tl.store(l_part_ptr + part, l_i, mask=g_ok)
-    tl.store(acc_part_ptr + part[:, None] * HEAD_PAD + d[None, :], acc, mask=g_ok[:, None])
+    store_partials(m_part_ptr, l_part_ptr, acc_part_ptr, req, head, split, num_heads,
+                   m_i, l_i, acc, g_ok, HEAD_PAD, NUM_SPLITS)
 
 
 def paged_decode(

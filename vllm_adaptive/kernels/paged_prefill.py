@@ -17,9 +17,7 @@ import torch
 from vllm_adaptive.kernels import _triton
 from vllm_adaptive.kernels._triton import tl
 from vllm_adaptive.kernels.checks import check_paged_attention
-
-# Masked scores use a finite -1e30, not -inf, so a row with nothing visible
-# stays NaN-free; the probabilities of masked keys are zeroed explicitly.
+from vllm_adaptive.kernels.triton_common import find_request, softmax_step
 
 
 def _paged_prefill_kernel(
@@ -50,16 +48,7 @@ def _paged_prefill_kernel(
     tile = tl.program_id(0)
     kv_head = tl.program_id(1)
 
-    # Which request owns this tile: binary search over cu_qtiles.
-    lo = 0
-    hi = num_reqs
-    while lo < hi:
-        mid = (lo + hi) // 2
-        if tl.load(cu_qtiles_ptr + mid + 1) <= tile:
-            lo = mid + 1
-        else:
-            hi = mid
-    req = lo
+    req = find_request(cu_qtiles_ptr, tile, num_reqs)
     if req < num_reqs:
         q_start = tl.load(query_start_loc_ptr + req)
         query_len = tl.load(query_start_loc_ptr + req + 1) - q_start
@@ -102,12 +91,7 @@ def _paged_prefill_kernel(
                 s = tl.dot(q, k)
             s = s * scale  # [BLOCK_M, BLOCK_SIZE]
             visible = (k_pos[None, :] <= q_pos[:, None]) & k_ok[None, :] & row_ok[:, None]
-            s = tl.where(visible, s, -1.0e30)
-            m_new = tl.maximum(m_i, tl.max(s, axis=1))
-            alpha = tl.exp(m_i - m_new)
-            p = tl.exp(s - m_new[:, None])
-            p = tl.where(visible, p, 0.0)
-            l_i = l_i * alpha + tl.sum(p, axis=1)
+            p, alpha, m_i, l_i = softmax_step(s, visible, m_i, l_i)
             v = tl.load(
                 v_cache_ptr + page * stride_v_blk + kv_head * stride_v_head
                 + offs_n[:, None] * stride_v_tok + d[None, :],
@@ -118,7 +102,6 @@ def _paged_prefill_kernel(
             else:
                 pv = tl.dot(p.to(v.dtype), v)
             acc = acc * alpha[:, None] + pv
-            m_i = m_new
 
         l_safe = tl.where(l_i > 0, l_i, 1.0)
         o = acc / l_safe[:, None]

@@ -3,7 +3,7 @@
 Adds to ``checks.check_paged_attention`` what the sparse launchers need on top
 of the dense ones: this step's fresh ``key``/``value`` rows, one dtype for
 query, fresh keys and cache, a power-of-two page size and a
-:class:`~vllm_adaptive.pattern.SparsePattern`. Shapes and dtypes only: no
+:class:`~vllm_adaptive.sparse_pattern.SparsePattern`. Shapes and dtypes only: no
 device synchronisation.
 """
 
@@ -12,7 +12,7 @@ from __future__ import annotations
 import torch
 
 from vllm_adaptive.kernels.checks import check_paged_attention
-from vllm_adaptive.pattern import SparsePattern
+from vllm_adaptive.sparse_pattern import SparsePattern
 
 
 def check_sparse_attention(

@@ -28,7 +28,14 @@ import torch
 from vllm_adaptive.kernels import _triton, split_kv
 from vllm_adaptive.kernels._triton import tl
 from vllm_adaptive.kernels.sparse_checks import check_sparse_attention
-from vllm_adaptive.pattern import SparsePattern
+from vllm_adaptive.kernels.split_kv import store_partials
+from vllm_adaptive.kernels.triton_common import (
+    local_span_start,
+    next_visited_tile,
+    pattern_visible,
+    softmax_step,
+)
+from vllm_adaptive.sparse_pattern import SparsePattern
 
 
 def _sparse_decode_split_kernel(
@@ -51,7 +58,7 @@ def _sparse_decode_split_kernel(
     stride_k_blk, stride_k_head, stride_k_tok,
     stride_v_blk, stride_v_head, stride_v_tok,
     stride_bt,
-    SINK: tl.constexpr,  # pattern terms, 0 = off (pattern.SparsePattern)
+    SINK: tl.constexpr,  # pattern terms, 0 = off (sparse_pattern.SparsePattern)
     WINDOW: tl.constexpr,
     PBLOCK: tl.constexpr,  # the pattern's block, not the cache page
     LOCAL_BLOCKS: tl.constexpr,
@@ -92,13 +99,7 @@ def _sparse_decode_split_kernel(
                         mask=d_ok, other=0.0).to(tl.float32)  # [HEAD_PAD]
 
         hi_page = pos // BLOCK_SIZE
-        # Lowest key the window / local terms let pos read.
-        lo_key = pos
-        if WINDOW > 0:
-            lo_key = tl.minimum(lo_key, pos - (WINDOW - 1))
-        if LOCAL_BLOCKS > 0:
-            lo_key = tl.minimum(lo_key, (pos // PBLOCK - (LOCAL_BLOCKS - 1)) * PBLOCK)
-        lo_page = tl.maximum(lo_key, 0) // BLOCK_SIZE
+        lo_page = local_span_start(pos, WINDOW, PBLOCK, LOCAL_BLOCKS) // BLOCK_SIZE
 
         offs_n = tl.arange(0, BLOCK_SIZE)  # [BLOCK_SIZE]
         k_base = kv_head * stride_k_head + offs_n[:, None] * stride_k_tok + d[None, :]
@@ -106,16 +107,9 @@ def _sparse_decode_split_kernel(
         pg = tl.zeros([], dtype=tl.int32)
         n = tl.zeros([], dtype=tl.int32)  # ordinal of the page among those visited
         while pg <= hi_page:
-            # Below the local span only sink and vertical-stride pages count:
-            # jump to the next one (or to lo_page, which is <= hi_page).
-            skip = (pg < lo_page) & (pg * BLOCK_SIZE >= SINK)
-            if VERT_STRIDE > 0:
-                blk = pg * BLOCK_SIZE // PBLOCK
-                blk = blk + (VERT_STRIDE - 1) - blk % VERT_STRIDE  # next (blk + 1) % S == 0
-                nxt = tl.minimum(tl.maximum(pg, blk * PBLOCK // BLOCK_SIZE), lo_page)
-            else:
-                nxt = lo_page
-            pg = tl.where(skip, nxt, pg)
+            # Below the local span only sink and vertical-stride pages count
+            # (a jump lands at most on lo_page, which is <= hi_page).
+            pg = next_visited_tile(pg, lo_page, BLOCK_SIZE, SINK, PBLOCK, VERT_STRIDE)
 
             if n % NUM_SPLITS == split:
                 k_pos = pg * BLOCK_SIZE + offs_n  # [BLOCK_SIZE]
@@ -133,30 +127,15 @@ def _sparse_decode_split_kernel(
                 v = tl.where(own, v_new[None, :], v)
 
                 s = tl.sum(q[:, None, :] * k[None, :, :], axis=2) * scale  # [GROUP_PAD, BLOCK_SIZE]
-                kp = k_pos[None, :]
-                visible = kp < SINK
-                if WINDOW > 0:
-                    visible = visible | (pos - kp < WINDOW)
-                if LOCAL_BLOCKS > 0:
-                    visible = visible | (pos // PBLOCK - kp // PBLOCK < LOCAL_BLOCKS)
-                if VERT_STRIDE > 0:
-                    visible = visible | ((kp // PBLOCK + 1) % VERT_STRIDE == 0)
-                visible = visible & (kp <= pos) & g_ok[:, None]  # [GROUP_PAD, BLOCK_SIZE]
-
-                s = tl.where(visible, s, -1.0e30)
-                m_new = tl.maximum(m_i, tl.max(s, axis=1))
-                alpha = tl.exp(m_i - m_new)
-                p = tl.where(visible, tl.exp(s - m_new[:, None]), 0.0)
-                l_i = l_i * alpha + tl.sum(p, axis=1)
+                visible = pattern_visible(pos, k_pos[None, :], SINK, WINDOW, PBLOCK, LOCAL_BLOCKS,
+                                          VERT_STRIDE) & g_ok[:, None]  # [GROUP_PAD, BLOCK_SIZE]
+                p, alpha, m_i, l_i = softmax_step(s, visible, m_i, l_i)
                 acc = acc * alpha[:, None] + tl.sum(p[:, :, None] * v[None, :, :], axis=1)
-                m_i = m_new
             n += 1
             pg += 1
 
-    part = (req * num_heads + head) * NUM_SPLITS + split  # [GROUP_PAD]
-    tl.store(m_part_ptr + part, m_i, mask=g_ok)
-    tl.store(l_part_ptr + part, l_i, mask=g_ok)
-    tl.store(acc_part_ptr + part[:, None] * HEAD_PAD + d[None, :], acc, mask=g_ok[:, None])
+    store_partials(m_part_ptr, l_part_ptr, acc_part_ptr, req, head, split, num_heads,
+                   m_i, l_i, acc, g_ok, HEAD_PAD, NUM_SPLITS)
 
 
 def sparse_decode(

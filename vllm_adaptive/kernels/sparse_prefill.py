@@ -7,7 +7,7 @@ query heads of one KV head (GQA), with an online softmax over key pages of
 their keys come from.
 
 Pages visited. For a tile whose queries sit at positions ``P0 .. P1`` the
-pattern (``vllm_adaptive.pattern``) splits the keys ``j <= P1`` into
+pattern (``vllm_adaptive.sparse_pattern``) splits the keys ``j <= P1`` into
 
 - the local span: ``j >= lo_key``, the lowest key the window / local-block
   terms let ``P0`` read (later queries reach no lower): pages
@@ -39,10 +39,14 @@ import torch
 from vllm_adaptive.kernels import _triton
 from vllm_adaptive.kernels._triton import tl
 from vllm_adaptive.kernels.sparse_checks import check_sparse_attention
-from vllm_adaptive.pattern import SparsePattern
-
-# Masked scores use a finite -1e30, not -inf, so a row with nothing visible
-# stays NaN-free; the probabilities of masked keys are zeroed explicitly.
+from vllm_adaptive.kernels.triton_common import (
+    find_request,
+    local_span_start,
+    next_visited_tile,
+    pattern_visible,
+    softmax_step,
+)
+from vllm_adaptive.sparse_pattern import SparsePattern
 
 
 def _sparse_prefill_kernel(
@@ -65,7 +69,7 @@ def _sparse_prefill_kernel(
     stride_k_blk, stride_k_head, stride_k_tok,
     stride_v_blk, stride_v_head, stride_v_tok,
     stride_bt,
-    SINK: tl.constexpr,  # pattern terms, 0 = off (pattern.SparsePattern)
+    SINK: tl.constexpr,  # pattern terms, 0 = off (sparse_pattern.SparsePattern)
     WINDOW: tl.constexpr,
     PBLOCK: tl.constexpr,  # the pattern's block, not the cache page
     LOCAL_BLOCKS: tl.constexpr,
@@ -82,16 +86,7 @@ def _sparse_prefill_kernel(
     tile = tl.program_id(0)
     kv_head = tl.program_id(1)
 
-    # Which request owns this tile: binary search over cu_qtiles.
-    lo = 0
-    hi = num_reqs
-    while lo < hi:
-        mid = (lo + hi) // 2
-        if tl.load(cu_qtiles_ptr + mid + 1) <= tile:
-            lo = mid + 1
-        else:
-            hi = mid
-    req = lo
+    req = find_request(cu_qtiles_ptr, tile, num_reqs)
     if req < num_reqs:
         # int32 scalars throughout, whatever the index dtypes: the page loop
         # carries them.
@@ -119,13 +114,7 @@ def _sparse_prefill_kernel(
         first_pos = context_len + local_tile * BLOCK_Q
         last_pos = tl.minimum(first_pos + BLOCK_Q, seq_len) - 1
         hi_page = last_pos // BLOCK_SIZE
-        # Lowest key the window / local terms let first_pos read.
-        lo_key = first_pos
-        if WINDOW > 0:
-            lo_key = tl.minimum(lo_key, first_pos - (WINDOW - 1))
-        if LOCAL_BLOCKS > 0:
-            lo_key = tl.minimum(lo_key, (first_pos // PBLOCK - (LOCAL_BLOCKS - 1)) * PBLOCK)
-        lo_page = tl.maximum(lo_key, 0) // BLOCK_SIZE
+        lo_page = local_span_start(first_pos, WINDOW, PBLOCK, LOCAL_BLOCKS) // BLOCK_SIZE
 
         m_i = tl.full([BLOCK_M], -1.0e30, dtype=tl.float32)
         l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
@@ -135,16 +124,9 @@ def _sparse_prefill_kernel(
         v_base = kv_head * stride_v_head + offs_n[:, None] * stride_v_tok + d[None, :]
         pg = tl.zeros([], dtype=tl.int32)
         while pg <= hi_page:
-            # Below the local span only sink and vertical-stride pages count:
-            # jump to the next one (or to lo_page, which is <= hi_page).
-            skip = (pg < lo_page) & (pg * BLOCK_SIZE >= SINK)
-            if VERT_STRIDE > 0:
-                blk = pg * BLOCK_SIZE // PBLOCK
-                blk = blk + (VERT_STRIDE - 1) - blk % VERT_STRIDE  # next (blk + 1) % S == 0
-                nxt = tl.minimum(tl.maximum(pg, blk * PBLOCK // BLOCK_SIZE), lo_page)
-            else:
-                nxt = lo_page
-            pg = tl.where(skip, nxt, pg)
+            # Below the local span only sink and vertical-stride pages count
+            # (a jump lands at most on lo_page, which is <= hi_page).
+            pg = next_visited_tile(pg, lo_page, BLOCK_SIZE, SINK, PBLOCK, VERT_STRIDE)
 
             page_start = pg * BLOCK_SIZE
             k_pos = page_start + offs_n  # [BLOCK_SIZE]
@@ -177,28 +159,14 @@ def _sparse_prefill_kernel(
                 s = tl.dot(q, k)
             s = s * scale  # [BLOCK_M, BLOCK_SIZE]
 
-            kp = k_pos[None, :]
-            qp = q_pos[:, None]
-            visible = kp < SINK
-            if WINDOW > 0:
-                visible = visible | (qp - kp < WINDOW)
-            if LOCAL_BLOCKS > 0:
-                visible = visible | (qp // PBLOCK - kp // PBLOCK < LOCAL_BLOCKS)
-            if VERT_STRIDE > 0:
-                visible = visible | ((kp // PBLOCK + 1) % VERT_STRIDE == 0)
-            visible = visible & (kp <= qp) & row_ok[:, None]
-
-            s = tl.where(visible, s, -1.0e30)
-            m_new = tl.maximum(m_i, tl.max(s, axis=1))
-            alpha = tl.exp(m_i - m_new)
-            p = tl.where(visible, tl.exp(s - m_new[:, None]), 0.0)
-            l_i = l_i * alpha + tl.sum(p, axis=1)
+            visible = pattern_visible(q_pos[:, None], k_pos[None, :], SINK, WINDOW, PBLOCK,
+                                      LOCAL_BLOCKS, VERT_STRIDE) & row_ok[:, None]
+            p, alpha, m_i, l_i = softmax_step(s, visible, m_i, l_i)
             if FP32_DOT:
                 pv = tl.dot(p.to(v.dtype).to(tl.float32), v.to(tl.float32), input_precision="ieee")
             else:
                 pv = tl.dot(p.to(v.dtype), v)
             acc = acc * alpha[:, None] + pv
-            m_i = m_new
             pg += 1
 
         l_safe = tl.where(l_i > 0, l_i, 1.0)

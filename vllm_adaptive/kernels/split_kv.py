@@ -6,6 +6,10 @@ segments and stores, per (request, query head, split), a partial running max
 ``m``, sum ``l`` and weighted value sum ``acc``; the merge kernel combines the
 splits into one output row per request. A request with query_len 0 gets no
 output row, and a split that saw no key (``m = -1e30, l = 0``) weighs 0.
+
+The partials' layout is written once, in two device functions that every
+split-KV kernel calls (the KIVI attention kernel too, with its own rows and
+lanes): :func:`store_partials` and :func:`merge_partials`.
 """
 
 from __future__ import annotations
@@ -13,7 +17,53 @@ from __future__ import annotations
 import torch
 
 from vllm_adaptive.kernels import _triton
-from vllm_adaptive.kernels._triton import tl
+from vllm_adaptive.kernels._triton import helper, tl
+
+
+@helper
+def store_partials(
+    m_part_ptr,  # [num_rows, num_heads, NUM_SPLITS] fp32
+    l_part_ptr,  # [num_rows, num_heads, NUM_SPLITS] fp32
+    acc_part_ptr,  # [num_rows, num_heads, NUM_SPLITS, LANES] fp32
+    row,  # request (or token) of each stored row: a scalar or [R]
+    head,  # [R] query heads
+    split,
+    num_heads,
+    m_i,  # [R] running max
+    l_i,  # [R] running sum
+    acc,  # [R, LANES] weighted value sum
+    row_ok,  # [R] rows to store
+    LANES: tl.constexpr,
+    NUM_SPLITS: tl.constexpr,
+):
+    """Store one split's partial (max, sum, weighted V) of rows ``(row, head)``."""
+    part = (row * num_heads + head) * NUM_SPLITS + split  # [R]
+    tl.store(m_part_ptr + part, m_i, mask=row_ok)
+    tl.store(l_part_ptr + part, l_i, mask=row_ok)
+    tl.store(acc_part_ptr + part[:, None] * LANES + tl.arange(0, LANES)[None, :], acc,
+             mask=row_ok[:, None])
+
+
+@helper
+def merge_partials(
+    m_part_ptr, l_part_ptr, acc_part_ptr,  # see store_partials
+    row,  # scalar
+    head,  # scalar
+    num_heads,
+    LANES: tl.constexpr,
+    NUM_SPLITS: tl.constexpr,
+):
+    """The attention output ``[LANES]`` (fp32) of row ``(row, head)``: every
+    split's partial rescaled to the common max, summed, divided by the sum."""
+    sp = tl.arange(0, NUM_SPLITS)
+    base = (row * num_heads + head) * NUM_SPLITS
+    m = tl.load(m_part_ptr + base + sp)  # [NUM_SPLITS]
+    l = tl.load(l_part_ptr + base + sp)
+    acc = tl.load(acc_part_ptr + (base + sp)[:, None] * LANES + tl.arange(0, LANES)[None, :])
+    m_max = tl.max(m, axis=0)
+    w = tl.exp(m - m_max)  # empty splits: m = -1e30, l = 0 -> weight 0
+    l_tot = tl.sum(l * w, axis=0)
+    return tl.sum(acc * w[:, None], axis=0) / tl.where(l_tot > 0, l_tot, 1.0)
 
 
 def _merge_kernel(
@@ -32,16 +82,9 @@ def _merge_kernel(
     head = tl.program_id(1)
     tok = tl.load(query_start_loc_ptr + req)
     if tl.load(query_start_loc_ptr + req + 1) > tok:  # no output row otherwise
-        sp = tl.arange(0, NUM_SPLITS)
         d = tl.arange(0, HEAD_PAD)
-        base = (req * num_heads + head) * NUM_SPLITS
-        m = tl.load(m_part_ptr + base + sp)  # [NUM_SPLITS]
-        l = tl.load(l_part_ptr + base + sp)
-        acc = tl.load(acc_part_ptr + (base + sp)[:, None] * HEAD_PAD + d[None, :])
-        m_max = tl.max(m, axis=0)
-        w = tl.exp(m - m_max)  # empty splits: m = -1e30, l = 0 -> weight 0
-        l_tot = tl.sum(l * w, axis=0)
-        o = tl.sum(acc * w[:, None], axis=0) / tl.where(l_tot > 0, l_tot, 1.0)
+        o = merge_partials(m_part_ptr, l_part_ptr, acc_part_ptr, req, head, num_heads,
+                           HEAD_PAD, NUM_SPLITS)
         tl.store(
             out_ptr + tok * stride_o_tok + head * stride_o_head + d,
             o.to(out_ptr.dtype.element_ty), mask=d < HEAD_SIZE,

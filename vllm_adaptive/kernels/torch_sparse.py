@@ -29,7 +29,7 @@ from dataclasses import dataclass, field
 
 from vllm_adaptive.kernels.batch import requests
 from vllm_adaptive.kernels.checks import check_paged_attention
-from vllm_adaptive.pattern import SparsePattern
+from vllm_adaptive.sparse_pattern import SparsePattern
 
 Q_TILE = 256
 
@@ -78,9 +78,12 @@ class DecodePlan:
     rows: torch.Tensor  # [n] long
     ids: torch.Tensor  # [n, width] long
     bias: torch.Tensor  # [n, 1, width * block_size] float32
-    # Rows with no cached key to read (a one-token prompt): their placeholder
-    # block is zeroed after the gather, whatever it holds.
-    empty: torch.Tensor | None = None  # [n] bool, None if no such row
+    # The slots a row reads, [n, 1, width * block_size, 1]: the others are
+    # zeroed after the gather, whatever they hold (a row with no cached key,
+    # the padding of a short row, a block's unwritten tail, which may hold
+    # another KV format's bytes: ``runner.Geometry.foreign_pages``), since a
+    # -inf bias alone leaves 0 * NaN in the weighted sum.
+    keep: torch.Tensor | None = None
 
 
 @dataclass
@@ -147,11 +150,8 @@ def plan_sparse(
         ctx_t = torch.tensor(dec_ctx)[:, None]
         keep = valid.repeat_interleave(block_size, dim=1) & (pos < ctx_t) & pattern.visible(ctx_t, pos)
         bias = torch.zeros(n, 1, width * block_size).masked_fill(~keep[:, None, :], float("-inf"))
-        empty = ~valid.any(dim=1)
-        plan.decode = DecodePlan(
-            rows=torch.tensor(dec_rows), ids=ids, bias=bias,
-            empty=empty if bool(empty.any()) else None,
-        )
+        plan.decode = DecodePlan(rows=torch.tensor(dec_rows), ids=ids, bias=bias,
+                                 keep=keep[:, None, :, None])
     return plan
 
 
@@ -186,9 +186,8 @@ def _run_decode(d: DecodePlan, query, key, value, key_cache, value_cache, scale,
     # [n, width, Hk, bs, D] -> [n*Hk, width*bs, D], fp32 like the other paths' softmax
     k = key_cache[d.ids].permute(0, 2, 1, 3, 4).reshape(n * hk, width * bs, hd).float()
     v = value_cache[d.ids].permute(0, 2, 1, 3, 4).reshape(n * hk, width * bs, hd).float()
-    if d.empty is not None:
-        k.view(n, hk, -1, hd)[d.empty] = 0.0
-        v.view(n, hk, -1, hd)[d.empty] = 0.0
+    k.view(n, hk, -1, hd).masked_fill_(~d.keep, 0.0)
+    v.view(n, hk, -1, hd).masked_fill_(~d.keep, 0.0)
     q = query[d.rows].reshape(n * hk, g, hd).float()
     k_new = key[d.rows].reshape(n * hk, 1, hd).float()  # the query's own key
     v_new = value[d.rows].reshape(n * hk, 1, hd).float()

@@ -12,7 +12,8 @@ in place.
 
 from __future__ import annotations
 
-from vllm_adaptive.kv.specs import ReleaseBudgetSpec, ResidualFullSpec, SparsePatternSpec
+from vllm_adaptive.kv.specs import ResidualFullSpec, SparsePatternSpec
+from vllm_adaptive.release.spec import ReleaseBudgetSpec
 
 _REGISTERED = False
 
@@ -20,7 +21,7 @@ _REGISTERED = False
 def registrations() -> list[tuple[type, type]]:
     """(spec, manager) pairs (managers import vLLM's scheduler-side code)."""
     from vllm_adaptive.kv.managers import ResidualFullManager, SparsePatternManager
-    from vllm_adaptive.kv.release import ReleaseManager
+    from vllm_adaptive.release.manager import ReleaseManager
 
     return [
         (SparsePatternSpec, SparsePatternManager), (ResidualFullSpec, ResidualFullManager),

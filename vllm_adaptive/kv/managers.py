@@ -38,7 +38,7 @@ from vllm.v1.core.single_type_kv_cache_manager import FullAttentionManager, Sing
 
 from vllm_adaptive.kv.specs import NULL_BLOCK_ID, SparsePatternSpec
 from vllm_adaptive.metrics import counters
-from vllm_adaptive.pattern import cdiv
+from vllm_adaptive.sparse_pattern import cdiv
 
 
 class SparsePatternManager(SingleTypeKVCacheManager):

@@ -1,7 +1,7 @@
 """``SparsePatternSpec``: the KV cache of a LongGen sparse layer.
 
 A sparse layer (``sink_window`` / ``strided``) only ever reads the keys of its
-:class:`~vllm_adaptive.pattern.SparsePattern`, so its KV-cache group frees every
+:class:`~vllm_adaptive.sparse_pattern.SparsePattern`, so its KV-cache group frees every
 block no future query can read (``kv/managers.py``). The spec carries the
 pattern (so manager and kernels compute the same predicate) and the per-step
 token budget that bounds a request's peak holding.
@@ -20,7 +20,7 @@ from dataclasses import dataclass, fields, replace
 
 from vllm.v1.kv_cache_interface import AttentionSpec, FullAttentionSpec
 
-from vllm_adaptive.pattern import SparsePattern
+from vllm_adaptive.sparse_pattern import SparsePattern
 
 
 #: The null block's id. vLLM's ``BlockPool`` takes its null block first from a
@@ -64,6 +64,18 @@ class SparsePatternSpec(AttentionSpec):
 
     def max_num_blocks_per_req(self, vllm_config, max_len: int) -> int:
         return super().max_num_blocks_per_req(vllm_config, max_len) + self.residual_blocks
+
+    def is_uniform_with_collection(self, kv_cache_specs) -> bool:
+        """Whether vLLM may put all these layers in one KV-cache group (one
+        manager, one block table): only layers that free the same blocks, as
+        vLLM asks of sliding windows (one size). Without this, a model whose
+        layers are all sparse but of two patterns (``strided`` +
+        ``sink_window``) became one group freeing by the first layer's pattern."""
+        return all(
+            isinstance(s, SparsePatternSpec) and s.pattern == self.pattern
+            and s.residual_blocks == self.residual_blocks and s.in_step_free == self.in_step_free
+            for s in kv_cache_specs.values()
+        )
 
     def max_memory_usage_bytes(self, vllm_config) -> int:
         max_model_len = vllm_config.model_config.max_model_len
@@ -113,45 +125,3 @@ def with_residual_blocks(spec, residual_blocks: int):
         page = {f.name: getattr(spec, f.name) for f in fields(FullAttentionSpec) if f.init}
         return ResidualFullSpec(**page, residual_blocks=residual_blocks)
     raise TypeError(f"no residual-block variant of {type(spec).__name__}")
-
-
-@dataclass(frozen=True, kw_only=True)
-class ReleaseBudgetSpec(AttentionSpec):
-    """The KV cache of an ADORE release layer (``patterns/release.py``): each
-    request holds at most ``budget_blocks`` blocks after each removal, plus
-    the blocks of one step's tokens (``chunk_tokens``) until the next.
-
-    Like ``SparsePatternSpec`` it subclasses ``AttentionSpec`` directly (an
-    evicting spec must not look prefix-closed to the hybrid coordinator) and
-    is its own grouping type. ``scorer`` and ``rebuild`` ride along so that
-    the scheduler-side manager needs nothing but its spec; ``host_blocks`` is
-    the host tier's size (blocks of this group's layers).
-    """
-
-    budget_blocks: int = 0
-    sink_blocks: int = 1
-    recent_blocks: int = 0
-    rebuild: int = 0
-    host_blocks: int = 0
-    scorer: str = "recent"
-    chunk_tokens: int = 0
-
-    def max_blocks_held(self, max_model_len: int) -> int:
-        from vllm_adaptive.pattern import cdiv
-
-        all_blocks = cdiv(max_model_len, self.block_size)
-        step = cdiv(self.chunk_tokens or max_model_len, self.block_size)
-        return min(all_blocks, self.budget_blocks + step)
-
-    def max_memory_usage_bytes(self, vllm_config) -> int:
-        return self.max_blocks_held(vllm_config.model_config.max_model_len) * self.page_size_bytes
-
-    @classmethod
-    def from_attention_spec(cls, spec: AttentionSpec, params, chunk_tokens: int) -> "ReleaseBudgetSpec":
-        page = {f.name: getattr(spec, f.name) for f in fields(AttentionSpec) if f.init}
-        budget, sink, recent = params.blocks(spec.block_size)
-        return cls(
-            **page, budget_blocks=budget, sink_blocks=sink, recent_blocks=recent,
-            rebuild=params.rebuild, host_blocks=params.host_tokens // spec.block_size,
-            scorer=params.scorer, chunk_tokens=chunk_tokens,
-        )

@@ -8,14 +8,14 @@ Adding one: a ``Runner`` subclass in its own file (``plan`` / ``write`` /
 
 from __future__ import annotations
 
-from vllm_adaptive.runners.base import Geometry, Runner, StepPlan
+from vllm_adaptive.metadata import StepPlan
+from vllm_adaptive.release.runner import ReleaseTorch
+from vllm_adaptive.runner import Geometry, Runner
 from vllm_adaptive.runners.dense_torch import DenseTorch
 from vllm_adaptive.runners.dense_triton import DenseTriton
 from vllm_adaptive.runners.dense_vllm_cpu import DenseVllmCpu
-from vllm_adaptive.runners.release_torch import ReleaseTorch
-from vllm_adaptive.runners.kivi_torch import (
-    DenseKiviTorch, DenseKiviTriton, SparseKiviTorch, SparseKiviTriton,
-)
+from vllm_adaptive.runners.kivi_torch import DenseKiviTorch, SparseKiviTorch
+from vllm_adaptive.runners.kivi_triton import DenseKiviTriton, SparseKiviTriton
 from vllm_adaptive.runners.sparse_torch import SparseTorch
 from vllm_adaptive.runners.sparse_triton import SparseTriton
 from vllm_adaptive.runners.sparse_vllm_cpu import SparseVllmCpu

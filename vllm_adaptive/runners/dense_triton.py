@@ -9,7 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from vllm_adaptive.kernels import cache_write, paged_decode, paged_prefill
-from vllm_adaptive.runners.base import Runner, StepPlan
+from vllm_adaptive.runner import Runner, StepPlan
 
 
 @dataclass
@@ -35,11 +35,11 @@ class DenseTriton(Runner):
     def plan(self, md) -> DecodeSplit:
         return split_decodes(md)
 
-    def write(self, key, value, kv_cache, slot_mapping) -> None:
-        cache_write.write_kv_cache(key, value, *self.format.split(kv_cache), slot_mapping)
+    def write(self, key, value, kv_cache, slot_mapping, md) -> None:
+        cache_write.write_kv_cache(key, value, *self.format.views(kv_cache, self.geometry), slot_mapping)
 
     def attend(self, query, key, value, kv_cache, md, scale, out) -> None:
-        kc, vc = self.format.split(kv_cache)
+        kc, vc = self.format.views(kv_cache, self.geometry)
         s: DecodeSplit = md.step
         d, dt = s.num_decodes, s.num_decode_tokens
         bt, qsl, sl = md.block_table, md.query_start_loc, md.seq_lens

@@ -10,7 +10,8 @@ from dataclasses import dataclass
 
 import torch
 
-from vllm_adaptive.runners.base import Runner, StepPlan
+from vllm_adaptive.formats.model_dtype import clear_started_blocks
+from vllm_adaptive.runner import Runner, StepPlan
 
 
 @dataclass
@@ -27,8 +28,8 @@ class DenseVllmCpu(Runner):
     family, kv_format, path = "dense", "model_dtype", "vllm_cpu"
     devices = ("cpu",)
 
-    def __init__(self, geometry, pattern) -> None:
-        super().__init__(geometry, pattern)
+    def __init__(self, geometry, params) -> None:
+        super().__init__(geometry, params)
         from vllm.v1.attention.backends.cpu_attn import _get_attn_isa
 
         g = geometry
@@ -51,10 +52,12 @@ class DenseVllmCpu(Runner):
         )
         return CpuStep(query_start_loc, seq_lens, block_table, sched)
 
-    def write(self, key, value, kv_cache, slot_mapping) -> None:
+    def write(self, key, value, kv_cache, slot_mapping, md) -> None:
         from vllm import _custom_ops as ops
 
-        key_cache, value_cache = self.format.split(kv_cache)
+        if self.geometry.foreign_pages:
+            clear_started_blocks(kv_cache, slot_mapping, self.geometry.null_slot_end)
+        key_cache, value_cache = self.format.views(kv_cache, self.geometry)
         ops.cpu_attn_reshape_and_cache(
             key, value, key_cache, value_cache, slot_mapping, self.isa,
             k_scale=1.0, v_scale=1.0, kv_cache_dtype=self.geometry.kv_cache_dtype,
@@ -63,7 +66,7 @@ class DenseVllmCpu(Runner):
     def attend(self, query, key, value, kv_cache, md, scale, out) -> None:
         from vllm import _custom_ops as ops
 
-        key_cache, value_cache = self.format.split(kv_cache)
+        key_cache, value_cache = self.format.views(kv_cache, self.geometry)
         step: CpuStep = md.step
         ops.cpu_attention_with_kv_cache(
             query=query, key_cache=key_cache, value_cache=value_cache, output=out,

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from vllm_adaptive.kernels import torch_paged
 from vllm_adaptive.kernels.torch_sparse import plan_sparse, run_sparse
-from vllm_adaptive.runners.base import Runner
+from vllm_adaptive.runner import Runner
 
 
 class SparseTorch(Runner):
@@ -22,15 +22,15 @@ class SparseTorch(Runner):
 
     def plan(self, md):
         return plan_sparse(
-            self.pattern, md.block_table, md.query_start_loc_cpu, md.seq_lens_cpu,
+            self.params, md.block_table, md.query_start_loc_cpu, md.seq_lens_cpu,
             self.geometry.block_size,
         )
 
-    def write(self, key, value, kv_cache, slot_mapping) -> None:
+    def write(self, key, value, kv_cache, slot_mapping, md) -> None:
         torch_paged.write_kv_cache(
-            key, value, *self.format.split(kv_cache), slot_mapping,
+            key, value, *self.format.views(kv_cache, self.geometry), slot_mapping,
             min_slot=self.geometry.null_slot_end,
         )
 
     def attend(self, query, key, value, kv_cache, md, scale, out) -> None:
-        run_sparse(md.step, query, key, value, *self.format.split(kv_cache), scale, out)
+        run_sparse(md.step, query, key, value, *self.format.views(kv_cache, self.geometry), scale, out)

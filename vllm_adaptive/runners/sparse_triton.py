@@ -10,7 +10,7 @@ import torch
 from vllm_adaptive.kernels import cache_write
 from vllm_adaptive.kernels.sparse_decode import sparse_decode
 from vllm_adaptive.kernels.sparse_prefill import sparse_prefill
-from vllm_adaptive.runners.base import Runner
+from vllm_adaptive.runner import Runner
 from vllm_adaptive.runners.dense_triton import DecodeSplit, split_decodes
 
 
@@ -23,18 +23,18 @@ class SparseTriton(Runner):
     def plan(self, md) -> DecodeSplit:
         return split_decodes(md)
 
-    def write(self, key, value, kv_cache, slot_mapping) -> None:
+    def write(self, key, value, kv_cache, slot_mapping, md) -> None:
         live = torch.where(
             slot_mapping >= self.geometry.null_slot_end, slot_mapping,
             torch.full_like(slot_mapping, -1),
         )
-        cache_write.write_kv_cache(key, value, *self.format.split(kv_cache), live)
+        cache_write.write_kv_cache(key, value, *self.format.views(kv_cache, self.geometry), live)
 
     def attend(self, query, key, value, kv_cache, md, scale, out) -> None:
-        kc, vc = self.format.split(kv_cache)
+        kc, vc = self.format.views(kv_cache, self.geometry)
         s: DecodeSplit = md.step
         d, dt = s.num_decodes, s.num_decode_tokens
-        bt, qsl, sl, pat = md.block_table, md.query_start_loc, md.seq_lens, self.pattern
+        bt, qsl, sl, pat = md.block_table, md.query_start_loc, md.seq_lens, self.params
         if d:
             sparse_decode(
                 query[:dt], key[:dt], value[:dt], kc, vc, bt[:d], qsl[: d + 1], sl[:d], scale,

@@ -30,7 +30,7 @@ class SparseVllmCpu(DenseVllmCpu):
 
     def plan(self, md) -> CpuStep:
         pseudo = plan_pseudo_requests(
-            self.pattern, md.block_table, md.query_start_loc_cpu, md.seq_lens_cpu,
+            self.params, md.block_table, md.query_start_loc_cpu, md.seq_lens_cpu,
             self.geometry.block_size,
         )
         return self._schedule(pseudo.query_start_loc, pseudo.seq_lens, pseudo.block_table)

@@ -6,9 +6,11 @@ block of the observation (``obs.block_index``: logical block indices), and
 says how scores combine
 
 * ``across_layers``: over the release layers (and tensor-parallel ranks,
-  which hold different heads) of one step: ``max`` or ``sum``;
+  which hold different heads) of one step: ``Reduce.MAX`` or ``Reduce.SUM``;
 * ``across_steps``: with the block's earlier score, in the scheduler's
-  ``ScoreStore``: ``max``, ``sum`` (accumulate) or ``last`` (replace).
+  ``ScoreStore``: ``Reduce.MAX``, ``SUM`` (accumulate) or ``LAST`` (replace)
+
+(``importance/rules.py``: one ``combine()`` serves both sides).
 
 ``needs`` names the observation fields it reads, so the worker gathers keys
 only for scorers that read them. A scorer whose score depends on the block
@@ -22,6 +24,8 @@ from dataclasses import dataclass
 from typing import ClassVar
 
 import torch
+
+from vllm_adaptive.importance.rules import Reduce
 
 
 @dataclass
@@ -39,8 +43,8 @@ class Observation:
 
 class Scorer:
     name: ClassVar[str]
-    across_layers: ClassVar[str] = "max"
-    across_steps: ClassVar[str] = "last"
+    across_layers: ClassVar[Reduce] = Reduce.MAX
+    across_steps: ClassVar[Reduce] = Reduce.LAST
     needs: ClassVar[frozenset[str]] = frozenset()
     scheduler_side: ClassVar[bool] = False
     #: For worker scorers that score this step's tokens (the controller): the

@@ -8,13 +8,14 @@ from __future__ import annotations
 import torch
 
 from vllm_adaptive.importance.controller import load_controller
+from vllm_adaptive.importance.rules import Reduce
 from vllm_adaptive.importance.scorers.base import Observation, Scorer, per_block_max
 
 
 class GRUScorer(Scorer):
     name = "gru"
-    across_layers = "max"
-    across_steps = "max"
+    across_layers = Reduce.MAX
+    across_steps = Reduce.MAX
     needs = frozenset({"values"})
 
     def __init__(self, controller_path: str | None = None) -> None:

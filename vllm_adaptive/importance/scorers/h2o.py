@@ -10,13 +10,14 @@ from __future__ import annotations
 
 import torch
 
+from vllm_adaptive.importance.rules import Reduce
 from vllm_adaptive.importance.scorers.base import Observation, Scorer, gqa_logits
 
 
 class H2OScorer(Scorer):
     name = "h2o"
-    across_layers = "sum"
-    across_steps = "sum"
+    across_layers = Reduce.SUM
+    across_steps = Reduce.SUM
     needs = frozenset({"query", "keys"})
 
     def score(self, obs: Observation):

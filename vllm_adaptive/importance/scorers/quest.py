@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import torch
 
+from vllm_adaptive.importance.rules import Reduce
 from vllm_adaptive.importance.scorers.base import Observation, Scorer
 
 
@@ -39,8 +40,8 @@ def bound(query: torch.Tensor, kmin: torch.Tensor, kmax: torch.Tensor, scale: fl
 
 class QuestScorer(Scorer):
     name = "quest"
-    across_layers = "max"
-    across_steps = "last"
+    across_layers = Reduce.MAX
+    across_steps = Reduce.LAST
     needs = frozenset({"query", "keys"})
 
     def score(self, obs: Observation):

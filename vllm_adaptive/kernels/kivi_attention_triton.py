@@ -1,10 +1,10 @@
-"""Triton kernels for the KIVI quantized paged KV (``formats/kivi.py``):
-attention straight from the packed pages, and quantize-on-write.
+"""Triton attention straight from KIVI's packed paged KV (``formats/kivi.py``);
+the write is ``kivi_write_triton``.
 
-Neither kernel materialises a dequantized cache: pages are read as bytes
+No dequantized cache is materialised: pages are read as bytes
 (``KiviLayout.pages``, ``[num_blocks, H_kv, page_bytes]`` uint8) and the
-float16 scales / model-dtype residual keys are read through pointer casts of
-the same bytes.
+float16 scales / model-dtype residual keys through pointer casts of the same
+bytes.
 
 **Channel order.** Codes are packed planar (byte ``j`` of a token holds
 channel ``j + s * CC`` in bits ``s * bits ..``, ``CC = D / p``). A tile of
@@ -17,13 +17,14 @@ is not a power of two, each plane is padded to ``CC_PAD`` lanes and the query
 and output use the same padded-planar order (``chan = s * CC + j``, lanes
 ``j >= CC`` masked).
 
-**Attention** (:func:`kivi_paged_attention`): one program per (query tile,
-KV head, split). A query tile is ``BLOCK_Q`` consecutive query tokens of one
+**Tiling** (:func:`kivi_paged_attention`): one program per (query tile, KV
+head, split). A query tile is ``BLOCK_Q`` consecutive query tokens of one
 request times the GQA group's query heads (rows of ``BLOCK_M``), as in
 ``sparse_prefill``; decode steps use the same kernel with split-KV
-(flash-decoding), partials merged by ``_merge_kernel``. The program walks the
-request's keys in tiles of ``TILE_N`` tokens (``TILE_N`` divides the block
-size, so a tile sits in one page):
+(flash-decoding): partials in ``split_kv``'s layout, one row per token, merged
+by ``_kivi_merge_kernel``. The program walks the request's keys in tiles of
+``TILE_N`` tokens (``TILE_N`` divides the block size, so a tile sits in one
+page):
 
 - keys: codes ``*`` per-channel scale ``+`` min of their group (a ``[DP]``
   vector when the tile lies in one group, else a per-token gather), positions
@@ -33,22 +34,16 @@ size, so a tile sits in one page):
 - values: per-token scale folded into the probabilities,
   ``p @ v = (p * s_t) @ codes + (p @ m_t)``;
 - masks: causal, ``pos < seq_len`` and the LongGen pattern's predicate
-  (same terms as ``SparsePattern.visible``), all by ``tl.where`` on masked
-  loads: slots past the request's tokens hold stale bytes (NaN / inf scales
+  (``triton_common.pattern_visible``), all by ``tl.where`` on masked loads:
+  slots past the request's tokens hold stale bytes (NaN / inf scales
   possible) and are never used in arithmetic;
 - sparse layers: below the pattern's local span only tiles holding a sink or
-  vertical-stride token are visited (jumps as in ``sparse_prefill``), so
-  pages no query of the tile can read are never loaded.
+  vertical-stride token are visited (``triton_common.next_visited_tile``, as
+  in ``sparse_prefill``), so pages no query of the tile can read are never
+  loaded.
 
-**Write** (:func:`kivi_write`): one launch, one program per (item, KV head),
-items being: a new token's value (per-token quantize + pack), a group of a
-completed key segment (per-channel quantize over ``group`` tokens taken from
-``cat(new keys, old residual keys)`` through ``plan.seg_src``), a residual key
-copy. The old residual keys are gathered with torch first (their pages may be
-the blocks this step fills); all the kernel's writes are then disjoint, so
-their order does not matter. Arithmetic is that of ``kernels.kivi.quantize``
-step by step in float32 with IEEE-rounded division (``div_rn``) and
-round-half-to-even, so codes and scales are bit-identical to the torch path.
+Masked scores are a finite -1e30 (``triton_common.softmax_step``), so an
+empty split stays NaN-free.
 """
 
 from __future__ import annotations
@@ -58,11 +53,15 @@ import torch
 from vllm_adaptive.formats.kivi import KiviLayout
 from vllm_adaptive.kernels import _triton
 from vllm_adaptive.kernels._triton import tl
-from vllm_adaptive.kernels.kivi import WritePlan
-from vllm_adaptive.pattern import SparsePattern
-
-# Masked scores use a finite -1e30, not -inf, so a row with nothing visible
-# (an empty split) stays NaN-free; masked probabilities are zeroed explicitly.
+from vllm_adaptive.kernels.split_kv import merge_partials, store_partials
+from vllm_adaptive.kernels.triton_common import (
+    find_request,
+    local_span_start,
+    next_visited_tile,
+    pattern_visible,
+    softmax_step,
+)
+from vllm_adaptive.sparse_pattern import SparsePattern
 
 
 def _kivi_attn_kernel(
@@ -86,7 +85,7 @@ def _kivi_attn_kernel(
     stride_res_blk, stride_res_head,  # model-dtype elements
     stride_bt,
     SPARSE: tl.constexpr,
-    SINK: tl.constexpr,  # pattern terms, 0 = off (pattern.SparsePattern)
+    SINK: tl.constexpr,  # pattern terms, 0 = off (sparse_pattern.SparsePattern)
     WINDOW: tl.constexpr,
     PBLOCK: tl.constexpr,  # the pattern's block, not the cache page
     LOCAL_BLOCKS: tl.constexpr,
@@ -119,16 +118,7 @@ def _kivi_attn_kernel(
     kv_head = tl.program_id(1)
     split = tl.program_id(2)
 
-    # Which request owns this tile: binary search over cu_qtiles.
-    lo = 0
-    hi = num_reqs
-    while lo < hi:
-        mid = (lo + hi) // 2
-        if tl.load(cu_qtiles_ptr + mid + 1) <= tile:
-            lo = mid + 1
-        else:
-            hi = mid
-    req = lo
+    req = find_request(cu_qtiles_ptr, tile, num_reqs)
     if req < num_reqs:
         q_start = tl.load(query_start_loc_ptr + req).to(tl.int32)
         query_len = tl.load(query_start_loc_ptr + req + 1).to(tl.int32) - q_start
@@ -163,13 +153,7 @@ def _kivi_attn_kernel(
         t_last = tl.minimum(t_first + per_split, n_tiles)
         lo_tile = 0
         if SPARSE:
-            # Lowest key the window / local terms let first_pos read.
-            lo_key = first_pos
-            if WINDOW > 0:
-                lo_key = tl.minimum(lo_key, first_pos - (WINDOW - 1))
-            if LOCAL_BLOCKS > 0:
-                lo_key = tl.minimum(lo_key, (first_pos // PBLOCK - (LOCAL_BLOCKS - 1)) * PBLOCK)
-            lo_tile = tl.maximum(lo_key, 0) // TILE_N
+            lo_tile = local_span_start(first_pos, WINDOW, PBLOCK, LOCAL_BLOCKS) // TILE_N
 
         # Open residual segment: positions e .. seq_len - 1.
         e = seq_len // RESIDUAL * RESIDUAL
@@ -185,16 +169,8 @@ def _kivi_attn_kernel(
         tt = t_first
         while tt < t_last:
             if SPARSE:
-                # Below the local span only sink and vertical-stride tiles
-                # count: jump to the next one (or to lo_tile).
-                skip = (tt < lo_tile) & (tt * TILE_N >= SINK)
-                if VERT_STRIDE > 0:
-                    blk = tt * TILE_N // PBLOCK
-                    blk = blk + (VERT_STRIDE - 1) - blk % VERT_STRIDE  # next (blk + 1) % S == 0
-                    nxt = tl.minimum(tl.maximum(tt, blk * PBLOCK // TILE_N), lo_tile)
-                else:
-                    nxt = lo_tile
-                tt = tl.where(skip, nxt, tt)
+                # Below the local span only sink and vertical-stride tiles count.
+                tt = next_visited_tile(tt, lo_tile, TILE_N, SINK, PBLOCK, VERT_STRIDE)
             if tt < t_last:
                 pos0 = tt * TILE_N
                 pos = pos0 + offs_n  # [TILE_N]
@@ -247,23 +223,11 @@ def _kivi_attn_kernel(
                 kp = pos[None, :]
                 qp = q_pos[:, None]
                 if SPARSE:
-                    visible = kp < SINK
-                    if WINDOW > 0:
-                        visible = visible | (qp - kp < WINDOW)
-                    if LOCAL_BLOCKS > 0:
-                        visible = visible | (qp // PBLOCK - kp // PBLOCK < LOCAL_BLOCKS)
-                    if VERT_STRIDE > 0:
-                        visible = visible | ((kp // PBLOCK + 1) % VERT_STRIDE == 0)
-                    visible = visible & (kp <= qp)
+                    visible = pattern_visible(qp, kp, SINK, WINDOW, PBLOCK, LOCAL_BLOCKS, VERT_STRIDE)
                 else:
                     visible = kp <= qp
                 visible = visible & row_ok[:, None] & valid[None, :]
-
-                s = tl.where(visible, s, -1.0e30)
-                m_new = tl.maximum(m_i, tl.max(s, axis=1))
-                alpha = tl.exp(m_i - m_new)
-                p = tl.where(visible, tl.exp(s - m_new[:, None]), 0.0)
-                l_i = l_i * alpha + tl.sum(p, axis=1)
+                p, alpha, m_i, l_i = softmax_step(s, visible, m_i, l_i)
 
                 # ---- values: per-token scale / min folded into p
                 vb = tl.load(base + V_CODES_OFF + row[:, None] * CC + jb[None, :],
@@ -282,7 +246,6 @@ def _kivi_attn_kernel(
                     pv = tl.sum(ps[:, :, None] * vc.to(tl.float32)[None, :, :], axis=1)
                 pv = pv + tl.sum(p * vmn[None, :], axis=1)[:, None]
                 acc = acc * alpha[:, None] + pv
-                m_i = m_new
             tt += 1
 
         if NUM_SPLITS == 1:
@@ -291,15 +254,13 @@ def _kivi_attn_kernel(
             tl.store(out_ptr + tok[:, None] * stride_o_tok + head[:, None] * stride_o_head
                      + chan[None, :], o.to(out_ptr.dtype.element_ty), mask=qd_ok)
         else:
-            part = (tok * num_heads + head) * NUM_SPLITS + split  # [BLOCK_M]
-            tl.store(m_part_ptr + part, m_i, mask=row_ok)
-            tl.store(l_part_ptr + part, l_i, mask=row_ok)
-            tl.store(acc_part_ptr + part[:, None] * DP + x[None, :], acc, mask=row_ok[:, None])
+            store_partials(m_part_ptr, l_part_ptr, acc_part_ptr, tok, head, split, num_heads,
+                           m_i, l_i, acc, row_ok, DP, NUM_SPLITS)
 
 
-def _merge_kernel(
+def _kivi_merge_kernel(
     out_ptr,  # [num_tokens, num_heads, head_size]
-    m_part_ptr, l_part_ptr, acc_part_ptr,  # see _kivi_attn_kernel
+    m_part_ptr, l_part_ptr, acc_part_ptr,  # see _kivi_attn_kernel (rows are tokens)
     query_start_loc_ptr,
     num_reqs,
     num_heads,
@@ -312,18 +273,11 @@ def _merge_kernel(
     tok = tl.program_id(0)
     head = tl.program_id(1)
     if tok < tl.load(query_start_loc_ptr + num_reqs):  # padding rows get no output
-        sp = tl.arange(0, NUM_SPLITS)
-        x = tl.arange(0, DP)
+        x = tl.arange(0, DP)  # padded-planar lane
         xj = x % CC_PAD
         chan = (x // CC_PAD) * CC + xj
-        base = (tok.to(tl.int64) * num_heads + head) * NUM_SPLITS
-        m = tl.load(m_part_ptr + base + sp)
-        l = tl.load(l_part_ptr + base + sp)
-        acc = tl.load(acc_part_ptr + (base + sp)[:, None] * DP + x[None, :])
-        m_max = tl.max(m, axis=0)
-        w = tl.exp(m - m_max)  # empty splits: m = -1e30, l = 0 -> weight 0
-        l_tot = tl.sum(l * w, axis=0)
-        o = tl.sum(acc * w[:, None], axis=0) / tl.where(l_tot > 0, l_tot, 1.0)
+        o = merge_partials(m_part_ptr, l_part_ptr, acc_part_ptr, tok.to(tl.int64), head, num_heads,
+                           DP, NUM_SPLITS)
         tl.store(out_ptr + tok.to(tl.int64) * stride_o_tok + head * stride_o_head + chan,
                  o.to(out_ptr.dtype.element_ty), mask=xj < CC)
 
@@ -446,181 +400,10 @@ def kivi_paged_attention(
         FP32_DOT=query.dtype == torch.float32 or interp,
     )
     if num_splits > 1:
-        merge = _triton.jit(_merge_kernel)
+        merge = _triton.jit(_kivi_merge_kernel)
         merge[(num_tokens, num_heads)](
             out, m, l, acc, query_start_loc, num_reqs, num_heads,
             out.stride(0), out.stride(1),
             CC=cc, CC_PAD=cc_pad, DP=dp, NUM_SPLITS=num_splits,
         )
     return out
-
-
-# ----------------------------------------------------------------------- write
-
-
-def _kivi_write_kernel(
-    pages_ptr,  # [num_blocks, H, page_bytes] uint8
-    res_ptr,  # the same cache in the model dtype (residual keys)
-    key_ptr,  # [num_tokens, H, D]
-    value_ptr,  # [num_tokens, H, D]
-    old_ptr,  # [n_old, H, D] old residual keys (model dtype)
-    rows_ptr, slots_ptr,  # [n_rows] values to write
-    seg_src_ptr,  # [n_seg, RESIDUAL] rows of cat(key, old)
-    seg_block_ptr, seg_row_ptr,  # [n_seg]
-    res_rows_ptr, res_page_ptr, res_row_ptr,  # [n_res]
-    n_rows,
-    n_seg_groups,
-    n_tok,
-    stride_k_tok, stride_k_head,
-    stride_v_tok, stride_v_head,
-    stride_old_tok, stride_old_head,
-    stride_pg_blk, stride_pg_head,
-    stride_res_blk, stride_res_head,
-    HEAD_SIZE: tl.constexpr,
-    BITS: tl.constexpr,
-    CC: tl.constexpr,
-    CC_PAD: tl.constexpr,
-    BLOCK_SIZE: tl.constexpr,
-    GROUP: tl.constexpr,
-    G_PAD: tl.constexpr,
-    RESIDUAL: tl.constexpr,
-    V_CODES_OFF: tl.constexpr,
-    V_SCALE_OFF: tl.constexpr,
-    K_SCALE_OFF: tl.constexpr,
-):
-    P: tl.constexpr = 8 // BITS
-    DP: tl.constexpr = P * CC_PAD
-    QMAX: tl.constexpr = (1 << BITS) - 1
-    GPS: tl.constexpr = RESIDUAL // GROUP  # groups per segment
-
-    item = tl.program_id(0)
-    h = tl.program_id(1)
-    x = tl.arange(0, DP)
-    xj = x % CC_PAD
-    x_ok = xj < CC
-    chan = (x // CC_PAD) * CC + xj
-    jb = tl.arange(0, CC_PAD)
-    jb_ok = jb < CC
-    shifts = tl.arange(0, P) * BITS
-    res_dt = res_ptr.dtype.element_ty
-    if item < n_rows:
-        # ---- one token's value: per-token quantize over the head
-        r = tl.load(rows_ptr + item).to(tl.int64)
-        slot = tl.load(slots_ptr + item).to(tl.int64)
-        v = tl.load(value_ptr + r * stride_v_tok + h * stride_v_head + chan,
-                    mask=x_ok, other=0.0).to(tl.float32)
-        mn = tl.min(tl.where(x_ok, v, float("inf")), axis=0)
-        mx = tl.max(tl.where(x_ok, v, float("-inf")), axis=0)
-        mn16 = mn.to(tl.float16)
-        sc16 = tl.math.div_rn(mx - mn16.to(tl.float32), QMAX * 1.0).to(tl.float16)
-        sc = sc16.to(tl.float32)
-        safe = tl.where(sc > 0, sc, 1.0)
-        y = tl.math.div_rn(v - mn16.to(tl.float32), safe + tl.zeros_like(v))
-        f = tl.floor(y)
-        d = y - f
-        rh = tl.where(d > 0.5, f + 1.0, tl.where(d < 0.5, f, f + (f - 2.0 * tl.floor(f * 0.5))))
-        code = tl.minimum(tl.maximum(rh, 0.0), QMAX * 1.0).to(tl.int32)
-        code = tl.where(x_ok, code, 0)
-        packed = tl.sum(tl.reshape(code, [P, CC_PAD]) << shifts[:, None], axis=0)  # [CC_PAD]
-        blk = slot // BLOCK_SIZE
-        off = slot % BLOCK_SIZE
-        base = pages_ptr + blk * stride_pg_blk + h * stride_pg_head
-        tl.store(base + V_CODES_OFF + off * CC + jb, packed.to(tl.uint8), mask=jb_ok)
-        vs_ptr = (base + V_SCALE_OFF).to(tl.pointer_type(tl.float16))
-        tl.store(vs_ptr + off * 2, sc16)
-        tl.store(vs_ptr + off * 2 + 1, mn16)
-    elif item < n_rows + n_seg_groups:
-        # ---- one group of a completed key segment: per-channel quantize
-        sg = item - n_rows
-        n = sg // GPS
-        kg = sg % GPS
-        t = tl.arange(0, G_PAD)
-        t_ok = t < GROUP
-        src = tl.load(seg_src_ptr + n * RESIDUAL + kg * GROUP + t, mask=t_ok, other=0).to(tl.int64)
-        new = src < n_tok
-        ld = t_ok[:, None] & x_ok[None, :]
-        xk_new = tl.load(key_ptr + src[:, None] * stride_k_tok + h * stride_k_head + chan[None, :],
-                         mask=ld & new[:, None], other=0.0).to(res_dt).to(tl.float32)
-        old = tl.where(new, 0, src - n_tok)
-        xk_old = tl.load(old_ptr + old[:, None] * stride_old_tok + h * stride_old_head + chan[None, :],
-                         mask=ld & (~new)[:, None], other=0.0).to(tl.float32)
-        xk = tl.where(new[:, None], xk_new, xk_old)  # [G_PAD, DP]
-        mn = tl.min(tl.where(ld, xk, float("inf")), axis=0)  # [DP]
-        mx = tl.max(tl.where(ld, xk, float("-inf")), axis=0)
-        mn16 = tl.where(x_ok, mn, 0.0).to(tl.float16)
-        sc16 = tl.math.div_rn(tl.where(x_ok, mx, 0.0) - mn16.to(tl.float32),
-                              QMAX * 1.0 + tl.zeros_like(mn)).to(tl.float16)
-        sc = sc16.to(tl.float32)
-        safe = tl.where(sc > 0, sc, 1.0)
-        y = tl.math.div_rn(xk - mn16.to(tl.float32)[None, :], safe[None, :] + tl.zeros_like(xk))
-        f = tl.floor(y)
-        d = y - f
-        rh = tl.where(d > 0.5, f + 1.0, tl.where(d < 0.5, f, f + (f - 2.0 * tl.floor(f * 0.5))))
-        code = tl.minimum(tl.maximum(rh, 0.0), QMAX * 1.0).to(tl.int32)
-        code = tl.where(ld, code, 0)
-        packed = tl.sum(tl.reshape(code, [G_PAD, P, CC_PAD]) << shifts[None, :, None], axis=1)
-        blk = tl.load(seg_block_ptr + n).to(tl.int64)
-        row0 = tl.load(seg_row_ptr + n).to(tl.int64) + kg * GROUP
-        base = pages_ptr + blk * stride_pg_blk + h * stride_pg_head
-        tl.store(base + (row0 + t)[:, None] * CC + jb[None, :], packed.to(tl.uint8),
-                 mask=t_ok[:, None] & jb_ok[None, :])
-        ks_ptr = (base + K_SCALE_OFF).to(tl.pointer_type(tl.float16)) + row0 // GROUP * (2 * HEAD_SIZE)
-        tl.store(ks_ptr + chan, sc16, mask=x_ok)
-        tl.store(ks_ptr + HEAD_SIZE + chan, mn16, mask=x_ok)
-    else:
-        # ---- a key of an open segment -> its residual page row
-        i = item - n_rows - n_seg_groups
-        r = tl.load(res_rows_ptr + i).to(tl.int64)
-        page = tl.load(res_page_ptr + i).to(tl.int64)
-        rr = tl.load(res_row_ptr + i).to(tl.int64)
-        kv = tl.load(key_ptr + r * stride_k_tok + h * stride_k_head + chan, mask=x_ok, other=0.0)
-        tl.store(res_ptr + page * stride_res_blk + h * stride_res_head + rr * HEAD_SIZE + chan,
-                 kv.to(res_dt), mask=x_ok)
-
-
-def kivi_write(
-    layout: KiviLayout,
-    kv_cache: torch.Tensor,  # [num_blocks, H, block_size, C] model dtype
-    plan: WritePlan,
-    key: torch.Tensor,  # [num_tokens, H, D]
-    value: torch.Tensor,  # [num_tokens, H, D]
-) -> None:
-    """``kernels.kivi.write`` in one Triton launch; bit-identical pages."""
-    why = layout.check()
-    if why:
-        raise ValueError(why)
-    n_tok, H, D = key.shape
-    if D != layout.head_size:
-        raise ValueError(f"key head size {D} != layout head size {layout.head_size}")
-    pages = layout.pages(kv_cache)
-    n_rows = plan.rows.numel()
-    n_seg = plan.seg_src.shape[0]
-    n_res = plan.res_rows.numel()
-    if n_seg and plan.old_page.numel():
-        # before anything is written: these pages may be the blocks this step fills
-        res_view = layout.views(kv_cache).residual
-        old = res_view[plan.old_page, :, plan.old_row]  # [n_old, H, D]
-    else:
-        old = key.new_empty((1, H, D), dtype=kv_cache.dtype)
-    n_seg_groups = n_seg * (layout.residual // layout.group)
-    n_items = n_rows + n_seg_groups + n_res
-    if n_items == 0:
-        return
-    cc = layout.code_cols
-    cc_pad = _triton.next_pow2(cc)
-    kernel = _triton.jit(_kivi_write_kernel)
-    kernel[(n_items, H)](
-        pages, kv_cache, key, value, old,
-        plan.rows, plan.slots, plan.seg_src, plan.seg_block, plan.seg_row,
-        plan.res_rows, plan.res_page, plan.res_row,
-        n_rows, n_seg_groups, n_tok,
-        key.stride(0), key.stride(1),
-        value.stride(0), value.stride(1),
-        old.stride(0), old.stride(1),
-        pages.stride(0), pages.stride(1),
-        kv_cache.stride(0), kv_cache.stride(1),
-        HEAD_SIZE=D, BITS=layout.bits, CC=cc, CC_PAD=cc_pad,
-        BLOCK_SIZE=layout.block_size, GROUP=layout.group, G_PAD=_triton.next_pow2(layout.group),
-        RESIDUAL=layout.residual,
-        V_CODES_OFF=layout.v_codes_off, V_SCALE_OFF=layout.v_scale_off, K_SCALE_OFF=layout.k_scale_off,
-    )

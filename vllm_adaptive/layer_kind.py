@@ -1,4 +1,4 @@
-"""``PatternKind``: one attention pattern a decoder layer can have.
+"""``LayerKind``: one attention pattern a decoder layer can have.
 
 A kind owns everything about its pattern that does not depend on kernels: its
 name, its keys in ``adaptive_attention`` and their defaults, how its sub-dict
@@ -7,19 +7,18 @@ engine's block size and length, and the KV-cache spec its layers get. Which
 kernels run it is a runner's business (``vllm_adaptive/runners``), found by
 the kind's ``family``: kinds of one family share runners (``sink_window`` and
 ``strided`` are both ``sparse``: two parameter sets of one
-:class:`~vllm_adaptive.pattern.SparsePattern` predicate).
+:class:`~vllm_adaptive.sparse_pattern.SparsePattern` predicate).
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping
 from typing import Any, ClassVar
 
-from vllm_adaptive.errors import AdaptiveConfigError, config_error
-from vllm_adaptive.pattern import SparsePattern
+from vllm_adaptive.errors import config_error, merged_sub_dict
+from vllm_adaptive.sparse_pattern import SparsePattern
 
 
-class PatternKind:
+class LayerKind:
     #: The value users write in ``layer_kinds`` / ``default_kind``.
     name: ClassVar[str]
     #: Runners are registered per family (``runners/__init__.py``).
@@ -42,18 +41,18 @@ class PatternKind:
         """The KV-cache spec of a layer of this kind, from vLLM's own spec."""
         return spec
 
+    #: The KV connector this kind installs (its ``kv_connector`` name), if any;
+    #: block-freeing kinds refuse every other connector.
+    kv_connector: ClassVar[str | None] = None
+
+    def prepare_engine(self, cfg: Any, vllm_config: Any, logger: Any) -> None:
+        """Engine settings this kind needs, set (or refused, naming the key) in
+        the user's process at start-up, before the platform fixes the rest."""
+
     # -------------------------------------------------------------- helpers
     def _merged(self, value: Any) -> dict[str, Any]:
         """``value`` (a dict of this kind's keys only) merged over the defaults."""
-        keys = list(self.defaults)
-        if not isinstance(value, Mapping):
-            raise config_error(self.name, f"a dict with keys {keys}", value)
-        unknown = sorted(set(value) - set(keys))
-        if unknown:
-            raise AdaptiveConfigError(
-                f"adaptive_attention.{self.name}: unknown key(s) {unknown}; allowed keys are {keys}"
-            )
-        return {**self.defaults, **value}
+        return merged_sub_dict(self.name, self.defaults, value)
 
     def _int_keys(self, value: Any, minimums: dict[str, int], keys: Any = None) -> dict[str, Any]:
         """``value`` merged over the defaults, every key (of ``keys``, default

@@ -12,10 +12,7 @@ controller's weights file (null: the one shipped for the embedded model).
 ``prefill_chunk`` bounds the tokens one request computes per step (vLLM's
 ``long_prefill_token_threshold``): a request holds its budget plus one chunk.
 
-Where it lives: ``kv/specs.ReleaseBudgetSpec`` and ``kv/release.ReleaseManager``
-(scheduler: scores, release, rebuild), ``importance/channel.py`` (the KV
-connector that carries scores up and copies down), ``runners/release_torch.py``
-(attention over the blocks still held, and the attention-based scorers).
+Where each part lives and runs: ``release/__init__.py``.
 """
 
 from __future__ import annotations
@@ -23,10 +20,21 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from vllm_adaptive.errors import AdaptiveConfigError, config_error
+from vllm.config import KVTransferConfig
+from vllm.v1.kv_cache_interface import FullAttentionSpec
+
+from vllm_adaptive import BACKEND_NAME
+from vllm_adaptive.errors import CONFIG_KEY, AdaptiveConfigError, config_error
+from vllm_adaptive.importance.controller import check_controller_fits, load_controller
 from vllm_adaptive.importance.scorers import SCORERS as _SCORERS
-from vllm_adaptive.pattern import cdiv
-from vllm_adaptive.patterns.base import PatternKind
+from vllm_adaptive.layer_kind import LayerKind
+from vllm_adaptive.release.spec import ReleaseBudgetSpec
+from vllm_adaptive.sparse_pattern import cdiv
+
+#: The KV connector release layers install (``release/connector.py``, which
+#: checks that it is found at ``CONNECTOR_MODULE``; not imported here).
+CONNECTOR_NAME = "AdoreConnector"
+CONNECTOR_MODULE = "vllm_adaptive.release.connector"
 
 #: Scorers (``importance/scorers``): higher score = keep.
 SCORERS: tuple[str, ...] = tuple(_SCORERS)
@@ -57,10 +65,11 @@ class ReleaseParams:
 _INT_MINIMUMS = {"budget": 1, "sink": 1, "recent": 0, "rebuild": 0, "host_tokens": 0, "prefill_chunk": 1}
 
 
-class ReleaseKind(PatternKind):
+class ReleaseKind(LayerKind):
     name = "release"
     family = "release"
     frees_blocks = True
+    kv_connector = CONNECTOR_NAME
     defaults = {
         f: getattr(ReleaseParams, f) for f in ReleaseParams.__dataclass_fields__
     }
@@ -94,18 +103,51 @@ class ReleaseKind(PatternKind):
                 "shrink it or use kind 'full'"
             )
         if params.scorer == "gru":
-            from vllm_adaptive.importance.controller import load_controller
-
             load_controller(params.controller)  # raises naming release.controller
 
     def kv_spec(self, spec, params: ReleaseParams, *, chunk_tokens: int, in_step_free: bool):
-        from vllm.v1.kv_cache_interface import FullAttentionSpec
-
-        from vllm_adaptive.kv.specs import ReleaseBudgetSpec
-
         if type(spec) is not FullAttentionSpec:
             raise ValueError(
                 "adaptive_attention: a release layer needs a plain full-attention layer, "
                 f"but vLLM built a {type(spec).__name__} for it"
             )
         return ReleaseBudgetSpec.from_attention_spec(spec, params, chunk_tokens=chunk_tokens)
+
+    def prepare_engine(self, cfg: Any, vllm_config: Any, logger: Any) -> None:
+        """Release layers: their connector (the worker <-> scheduler channel,
+        ``release/connector.py``), the per-request prefill chunk, and the
+        controller's fit to the model."""
+        params = cfg.params("release")
+        ktc = vllm_config.kv_transfer_config
+        if ktc is None:
+            vllm_config.kv_transfer_config = KVTransferConfig(
+                kv_connector=CONNECTOR_NAME, kv_connector_module_path=CONNECTOR_MODULE, kv_role="kv_both",
+            )
+            logger.info("%s: release layers report importance scores through KV connector %s.",
+                        BACKEND_NAME, CONNECTOR_NAME)
+        elif ktc.kv_connector != CONNECTOR_NAME:
+            raise ValueError(
+                f"{CONFIG_KEY}: release layers need their own KV connector ({CONNECTOR_NAME}), "
+                f"but --kv-transfer-config sets {ktc.kv_connector!r}; drop it"
+            )
+        sched = vllm_config.scheduler_config
+        if not sched.long_prefill_token_threshold:
+            sched.long_prefill_token_threshold = params.prefill_chunk
+            logger.info(
+                "%s: long_prefill_token_threshold=%d (release.prefill_chunk): a release layer "
+                "holds its budget plus one step's tokens per request.",
+                BACKEND_NAME, params.prefill_chunk,
+            )
+        if params.scorer == "gru":
+            model = vllm_config.model_config
+            ctl = load_controller(params.controller)
+            check_controller_fits(ctl, cfg.num_layers,
+                                  model.get_total_num_kv_heads(), model.get_head_size())
+            if cfg.kinds[ctl.layer] != "release":
+                raise ValueError(
+                    f"{CONFIG_KEY}.release.controller: the controller reads layer {ctl.layer}'s "
+                    f"values, but the layer map (layer_kinds / full_layers / default_kind) makes that "
+                    f"layer {cfg.kinds[ctl.layer]!r}, not a release layer; make layer {ctl.layer} a "
+                    "release layer, set release.scorer to h2o, recent or quest, or pass a controller "
+                    "trained on a release layer"
+                )

@@ -6,9 +6,9 @@ included) and run on the ``dense`` runners.
 
 from __future__ import annotations
 
-from vllm_adaptive.patterns.base import PatternKind
+from vllm_adaptive.layer_kind import LayerKind
 
 
-class FullKind(PatternKind):
+class FullKind(LayerKind):
     name = "full"
     family = "dense"

@@ -5,8 +5,8 @@ It runs in the scheduler, once per KV-cache group, so every tensor-parallel
 rank gets the same decision (the workers only execute it). Per request and
 logical block index ``i`` it knows the physical block (or the null block once
 released), and reads two numbers from the shared :class:`ScoreStore`, which
-the KV connector (``importance/channel.py``) fills from the workers after
-every step:
+the scheduler-side connector (``release/scheduler_side.py``) fills from
+the workers after every step:
 
   score(req, i)   the scorer's importance (higher = keep); None = not scored
                   yet (kept; among unscored blocks the oldest goes first)
@@ -21,14 +21,16 @@ every step:
    ``recent_blocks`` full blocks and every block at or past ``n // bs`` (being
    filled). While the request holds more than ``budget_blocks``, the
    unprotected held block with the lowest score goes: it gets a host-tier slot
-   (a copy-out for the worker) if one is free, else it is dropped for good,
+   (``release/host_tier.HostSlots``; a copy-out for the worker) if one is
+   free, else it is dropped for good,
    and its block returns to vLLM's pool at once.
 2. **rebuild** (``rebuild`` = R > 0): while fewer than R blocks came back this
    step and the host block with the highest bound beats the unprotected held
    block with the lowest bound, the two swap: the held one is released (as in
    1) and the host one gets a fresh block (a copy-in for the worker). The
    holding never grows. A rebuilt block is pinned against release by score
-   (its score was what released it); only a later swap can release it again.
+   (its score, or for scheduler-side scorers its index, was what released
+   it); only a later swap can release it again.
 
 Copies are queued here (``take_copies``) and run by the workers before the
 step's forward pass, copy-outs first, so a block released and handed to
@@ -42,62 +44,18 @@ which drops the request's host slots too.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass, field
 
 from vllm.v1.core.kv_cache_utils import KVCacheBlock
 from vllm.v1.core.single_type_kv_cache_manager import SingleTypeKVCacheManager
 
-from vllm_adaptive.kv.specs import NULL_BLOCK_ID, ReleaseBudgetSpec
+from vllm_adaptive.importance.scorers import SCORERS
+from vllm_adaptive.kv.specs import NULL_BLOCK_ID
 from vllm_adaptive.metrics import counters
-from vllm_adaptive.pattern import cdiv
-
-
-class ScoreStore:
-    """Scores and bounds per (request, logical block), shared by the release
-    managers of one engine and filled by the connector."""
-
-    def __init__(self) -> None:
-        self.scores: dict[str, dict[int, float]] = {}
-        self.bounds: dict[str, dict[int, float]] = {}
-
-    def score(self, req: str, i: int) -> float | None:
-        return self.scores.get(req, {}).get(i)
-
-    def bound(self, req: str, i: int) -> float | None:
-        return self.bounds.get(req, {}).get(i)
-
-    def update(self, scores: dict[str, dict[int, float]], reduce: str,
-               bounds: dict[str, dict[int, float]] | None = None) -> None:
-        """Merge one step's worker scores: ``reduce`` is how a block's new
-        score combines with its old one (``max``, ``sum`` or ``last``)."""
-        for req, per_block in scores.items():
-            mine = self.scores.setdefault(req, {})
-            for i, s in per_block.items():
-                old = mine.get(i)
-                if old is None or reduce == "last":
-                    mine[i] = s
-                elif reduce == "max":
-                    mine[i] = max(old, s)
-                else:
-                    mine[i] = old + s
-        if bounds is not None:  # the latest queries' view only
-            self.bounds = {req: dict(per_block) for req, per_block in bounds.items()}
-
-    def drop(self, req: str) -> None:
-        self.scores.pop(req, None)
-        self.bounds.pop(req, None)
-
-
-@dataclass
-class ReleaseStats:
-    released: int = 0  # blocks released (to the host tier or dropped)
-    dropped: int = 0  # released with no free host slot: gone for good
-    rebuilt: int = 0  # blocks brought back from the host tier
-    rebuild_steps: int = 0  # (request, step) pairs in which a rebuild fired
-    host_peak: int = 0  # most host slots in use at once
-    peak_after_release: int = 0  # most blocks one request held right after a removal
-    peak_held: int = 0  # most blocks one request held at any time (budget + one step)
-    per_request_rebuilt: dict[str, int] = field(default_factory=dict)
+from vllm_adaptive.release.host_tier import HostSlots
+from vllm_adaptive.release.scores import ScoreStore
+from vllm_adaptive.release.spec import ReleaseBudgetSpec
+from vllm_adaptive.release.stats import ReleaseStats
+from vllm_adaptive.sparse_pattern import cdiv
 
 
 class ReleaseManager(SingleTypeKVCacheManager):
@@ -113,12 +71,10 @@ class ReleaseManager(SingleTypeKVCacheManager):
         spec = kv_cache_spec
         self.spec = spec
         self.store = ScoreStore()  # replaced by the connector's shared store
-        from vllm_adaptive.importance.scorers import SCORERS
-
         scorer = SCORERS[spec.scorer]
         self._index_scorer = scorer if scorer.scheduler_side else None
         self.stats = ReleaseStats()
-        self._free_slots: list[int] = list(range(spec.host_blocks - 1, -1, -1))
+        self.host_slots = HostSlots(spec.host_blocks)
         self._host: dict[str, dict[int, int]] = {}  # req -> {block index: host slot}
         self._pinned: dict[str, set[int]] = {}  # rebuilt blocks, pinned against release by score
         self._removed_at: dict[str, int] = {}
@@ -127,9 +83,6 @@ class ReleaseManager(SingleTypeKVCacheManager):
         self._copies_out: list[tuple[int, int]] = []  # (block id, host slot)
         self._copies_in: list[tuple[int, int]] = []  # (host slot, block id)
         self._to_rebuild: list[int] = []  # block indices chosen by _choose_rebuilds
-        # Host slots emptied by this step's copy-ins: free only once the step's
-        # copies ran (a copy-out into one before its copy-in would clobber it).
-        self._slots_freeing: list[int] = []
 
     # ---------------------------------------------------------- scheduling
     def get_num_blocks_to_allocate(
@@ -165,21 +118,22 @@ class ReleaseManager(SingleTypeKVCacheManager):
         counters().add("release", "released")
         self._modified.add(req)
         self._pinned.get(req, set()).discard(i)
-        if self._free_slots:
-            slot = self._free_slots.pop()
+        slot = self.host_slots.allocate()
+        if slot is not None:
             self._host.setdefault(req, {})[i] = slot
             self._copies_out.append((blk.block_id, slot))
-            used = self.spec.host_blocks - len(self._free_slots)
-            self.stats.host_peak = max(self.stats.host_peak, used)
+            self.stats.host_peak = max(self.stats.host_peak, self.host_slots.in_use)
         else:
             self.stats.dropped += 1
             counters().add("release", "dropped")
 
     def _score_key(self, req: str, i: int) -> tuple[float, int]:
-        if self._index_scorer is not None:  # scheduler-side (``recent``): no worker scores
-            return (self._index_scorer.block_score(i), i)
+        """Release order (lowest first). A pinned (rebuilt) block is never
+        released by score, whichever scorer, so the pin is checked first."""
         if i in self._pinned.get(req, ()):
             return (float("inf"), i)
+        if self._index_scorer is not None:  # scheduler-side (``recent``): no worker scores
+            return (self._index_scorer.block_score(i), i)
         s = self.store.score(req, i)
         return (float("inf") if s is None else s, i)
 
@@ -231,7 +185,7 @@ class ReleaseManager(SingleTypeKVCacheManager):
             (new,) = self.block_pool.get_new_blocks(1)
             blocks[i] = new
             slot = self._host[req].pop(i)
-            self._slots_freeing.append(slot)
+            self.host_slots.free(slot, after_step=True)
             self._copies_in.append((slot, new.block_id))
             self._pinned.setdefault(req, set()).add(i)
             self.stats.rebuilt += 1
@@ -244,7 +198,7 @@ class ReleaseManager(SingleTypeKVCacheManager):
 
     def pop_blocks_for_free(self, request_id: str) -> list[KVCacheBlock]:
         for slot in self._host.pop(request_id, {}).values():
-            self._free_slots.append(slot)
+            self.host_slots.free(slot)
         # a copy-out queued for this request this step is harmless (its slot
         # is free again and nothing reads it); copy-ins target blocks being freed
         self._pinned.pop(request_id, None)
@@ -259,8 +213,7 @@ class ReleaseManager(SingleTypeKVCacheManager):
         """This step's (block -> host slot) and (host slot -> block) copies."""
         out, into = self._copies_out, self._copies_in
         self._copies_out, self._copies_in = [], []
-        self._free_slots.extend(self._slots_freeing)
-        self._slots_freeing = []
+        self.host_slots.end_step()
         return out, into
 
     def table_of(self, request_id: str) -> list[int] | None:
@@ -337,8 +290,9 @@ class ReleaseManager(SingleTypeKVCacheManager):
                     f"{req}: holds {len(before)} blocks > budget {spec.budget_blocks} "
                     f"with {len(unprotected)} releasable"
                 )
-        free = set(self._free_slots) | set(self._slots_freeing)
-        if len(free) != len(self._free_slots) + len(self._slots_freeing):
+        now, after_step = self.host_slots.free_slots()
+        free = set(now) | set(after_step)
+        if len(free) != len(now) + len(after_step):
             raise AssertionError("a host slot is free twice")
         if free & set(slots_used):
             raise AssertionError(f"host slots both free and used: {sorted(free & set(slots_used))}")

@@ -13,29 +13,28 @@ three verbs, split as FlashInfer splits ``plan()`` from ``run()``:
                    for ``in_step_free`` runners, this step's fresh K/V)
 
 What a runner can do is data (class attributes), checked at start-up:
-``devices`` it runs on, ``unsupported(pattern, block_size)`` for the patterns
+``devices`` it runs on, ``unsupported(params, block_size)`` for the kind parameters
 and block sizes it cannot run, ``in_step_free`` (it reads this step's keys
 from the fresh K/V, so the manager need not store keys that die within the
 step), ``decodes_first`` (it needs vLLM to order decode requests first, like
 vLLM's own GPU backends, so decode rows never take the prefill kernel),
 ``host_lengths`` (its plan reads the step's lengths on the host: the builder
-copies ``seq_lens`` there, a device sync on CUDA, only for such runners),
-``write_needs_metadata`` (``write`` also gets the step's metadata, ``md=``:
-a packed format finds its residual pages through the block table).
+copies ``seq_lens`` there, a device sync on CUDA, only for such runners).
+
+Every runner's ``write`` gets the same arguments, the step's metadata
+included (a packed format finds its residual pages through the block table);
+``md`` is None in vLLM's profiling and warm-up runs.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, ClassVar
+from typing import Any, ClassVar
 
 import torch
 
 from vllm_adaptive.formats import FORMATS
-from vllm_adaptive.pattern import SparsePattern
-
-if TYPE_CHECKING:
-    from vllm_adaptive.metadata import AdaptiveMetadata
+from vllm_adaptive.metadata import AdaptiveMetadata, StepPlan
 
 
 @dataclass(frozen=True)
@@ -51,12 +50,14 @@ class Geometry:
     # Slots below this belong to the null block, which the KV manager puts
     # where a sparse layer stores nothing (kv/managers.py).
     null_slot_end: int = 0
-    # The KV format's parameters (``formats.kivi.KiviParams``); None for model_dtype.
+    # The KV format's parameters (``formats/``); None for formats without.
     kv_params: Any = None
-
-
-class StepPlan:
-    """Base of the per-step plans runners put into ``AdaptiveMetadata.step``."""
+    # Whether a block may come back holding another KV format's bytes: vLLM
+    # puts one layer of each KV-cache group on one tensor and gives all groups
+    # one block pool, so when the model mixes formats a block freed by a packed
+    # (``kivi``) layer can be handed to this layer with NaN patterns in the
+    # slots not yet written (``ModelPlan.mixes_kv_formats``).
+    foreign_pages: bool = False
 
 
 class Runner:
@@ -67,20 +68,20 @@ class Runner:
     in_step_free: ClassVar[bool] = False
     decodes_first: ClassVar[bool] = False
     host_lengths: ClassVar[bool] = False
-    write_needs_metadata: ClassVar[bool] = False
 
     @classmethod
-    def unsupported(cls, pattern: SparsePattern | None, block_size: int) -> str | None:
-        """Why this runner cannot run ``pattern`` at ``block_size``; None if it can."""
+    def unsupported(cls, params: Any, block_size: int) -> str | None:
+        """Why this runner cannot run a layer kind with ``params`` (a
+        ``SparsePattern`` for sparse kinds) at ``block_size``; None if it can."""
         return None
 
     @classmethod
     def describe(cls) -> str:
         return f"{cls.family}/{cls.kv_format}/{cls.path}"
 
-    def __init__(self, geometry: Geometry, pattern: SparsePattern | None) -> None:
+    def __init__(self, geometry: Geometry, params: Any) -> None:
         self.geometry = geometry
-        self.pattern = pattern
+        self.params = params  # the layer kind's parameters (plan.LayerPlan.params)
         self.format = FORMATS[self.kv_format]
 
     def plan(self, md: "AdaptiveMetadata") -> StepPlan | None:
@@ -92,6 +93,7 @@ class Runner:
         value: torch.Tensor,  # [num_tokens, num_kv_heads, head_size]
         kv_cache: torch.Tensor,  # vLLM's per-layer cache tensor (see formats/)
         slot_mapping: torch.Tensor,  # [num_tokens], -1 = padding
+        md: "AdaptiveMetadata | None",  # None in profiling / warm-up runs
     ) -> None:
         raise NotImplementedError
 

@@ -5,11 +5,12 @@ frees anything at the engine's length."""
 from __future__ import annotations
 
 from vllm_adaptive.errors import AdaptiveConfigError
-from vllm_adaptive.pattern import SparsePattern
-from vllm_adaptive.patterns.base import PatternKind
+from vllm_adaptive.sparse_pattern import SparsePattern
+from vllm_adaptive.layer_kind import LayerKind
+from vllm_adaptive.kv.specs import SparsePatternSpec
 
 
-class SparseKind(PatternKind):
+class SparseKind(LayerKind):
     family = "sparse"
     frees_blocks = True
 
@@ -24,8 +25,6 @@ class SparseKind(PatternKind):
 
     def kv_spec(self, spec, pattern: SparsePattern, *, chunk_tokens: int, in_step_free: bool):
         from vllm.v1.kv_cache_interface import FullAttentionSpec
-
-        from vllm_adaptive.kv.specs import SparsePatternSpec
 
         if type(spec) is not FullAttentionSpec:
             raise ValueError(

@@ -1,12 +1,13 @@
 """Worker side of importance: what a step's release layers report upward.
 
-The release runner (``runners/release_torch.py``) calls
+The release runner (``release/runner.py``) calls
 :meth:`WorkerImportance.observe` once per layer and step with what the
 layer's attention saw. Per request (rows keyed by the connector's
 ``req_of``) it
 
 * runs the scorer (``importance/scorers``) and merges its block scores over
-  the step's layers with the scorer's ``across_layers`` rule;
+  the step's layers with the scorer's ``across_layers`` rule
+  (``importance/rules.py``);
 * when the request has blocks in the host tier and rebuild is on, computes
   the Quest bound of the step's last query for its held blocks (key min/max
   of the gathered keys) and its host blocks (min/max kept at copy-out),
@@ -15,14 +16,16 @@ layer's attention saw. Per request (rows keyed by the connector's
 The observation queries are the step's last rows of each request (the
 decode row, or the last ``OBS_ROWS`` of a prefill chunk); keys are gathered
 only when a scorer or the bound reads them. ``take`` hands the step's
-numbers to the connector and starts the next step afresh.
+numbers to the connector's worker half and starts the next step afresh.
 """
 
 from __future__ import annotations
 
 import torch
 
-from vllm_adaptive.importance.channel import merge
+from vllm.distributed import tensor_model_parallel_all_gather
+
+from vllm_adaptive.importance.rules import Reduce, merge_into
 from vllm_adaptive.importance.scorers import Observation, make_scorer
 from vllm_adaptive.importance.scorers.quest import bound, key_minmax
 
@@ -31,15 +34,13 @@ OBS_ROWS = 16
 
 
 class WorkerImportance:
-    def __init__(self, params, vllm_config=None) -> None:
+    def __init__(self, params, tensor_parallel_size: int = 1) -> None:
         self.params = params
         self.scorer = make_scorer(params.scorer, params.controller)
         self.rebuild = params.rebuild > 0
         self.scores: dict[str, dict[int, float]] = {}
         self.bounds: dict[str, dict[int, float]] = {}
-        self.tp = 1
-        if vllm_config is not None:
-            self.tp = vllm_config.parallel_config.tensor_parallel_size
+        self.tp = tensor_parallel_size
 
     def forget(self, req_id: str) -> None:
         self.scorer.forget(req_id)
@@ -52,8 +53,6 @@ class WorkerImportance:
     def _values(self, value: torch.Tensor) -> torch.Tensor:
         v = value.reshape(value.shape[0], -1)
         if self.tp > 1:  # the controller reads every KV head: gather the shards
-            from vllm.distributed import tensor_model_parallel_all_gather
-
             v = tensor_model_parallel_all_gather(v.contiguous(), dim=-1)
         return v
 
@@ -81,8 +80,8 @@ class WorkerImportance:
                 obs.query = query[max(row.q0, row.q1 - OBS_ROWS):row.q1]
             if runs_scorer:
                 idx, s = scorer.score(obs)
-                merge(self.scores, {row.req_id: dict(zip(idx.tolist(), s.tolist()))},
-                      scorer.across_layers)
+                merge_into(self.scores, {row.req_id: dict(zip(idx.tolist(), s.tolist()))},
+                           scorer.across_layers)
             if want_bound:
                 q = obs.query[-1]
                 kmin, kmax = key_minmax(obs.keys, bs)
@@ -92,4 +91,4 @@ class WorkerImportance:
                 host = bound(q, hmin, hmax, scale)
                 b = dict(zip(row.live.tolist(), held.tolist()))
                 b.update(zip(hidx, host.tolist()))
-                merge(self.bounds, {row.req_id: b}, "max")
+                merge_into(self.bounds, {row.req_id: b}, Reduce.MAX)

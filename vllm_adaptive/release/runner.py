@@ -1,10 +1,13 @@
-"""ADORE release layers on the torch path (any device).
+"""ADORE release layers on the torch path (any device; worker side).
 
 A release layer attends to every block its request still holds. The
-scheduler's manager (``kv/release.py``) releases blocks in place, which
+scheduler's manager (``release/manager.py``) releases blocks in place, which
 vLLM's worker block table (append-only) does not see, so the step's true
-table comes from the connector's metadata (``importance/channel.py``:
-``tables``, keyed by the request's first block). The step plan compacts each
+table comes from the connector's metadata (``release/messages.py``:
+``tables``, keyed by the request's first block), which the worker half of
+the connector binds to the step plan (``ReleaseStep.bind``) before the
+forward pass. A step plan without it refuses to run: vLLM's own table would
+be stale. The step plan compacts each
 request's table to the blocks it holds: released blocks are never gathered,
 so nothing a kernel reads can come from a block another request now owns.
 Since only whole blocks before the recent window are released, the held
@@ -14,20 +17,24 @@ compacted table with compacted lengths (rotary positions are already in the
 cached keys).
 
 After attending, the layer reports to the worker's importance state
-(``importance/worker.py``): scorer observations and rebuild bounds.
+(``release/importance.py``, bound with the tables): scorer observations and
+rebuild bounds.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 
 from vllm_adaptive.kernels import torch_paged
 from vllm_adaptive.kernels.batch import requests
 from vllm_adaptive.kv.specs import NULL_BLOCK_ID
-from vllm_adaptive.pattern import cdiv
-from vllm_adaptive.runners.base import Runner, StepPlan
+from vllm_adaptive.metadata import StepPlan
+from vllm_adaptive.runner import Runner
+from vllm_adaptive.sparse_pattern import cdiv
 
 
 @dataclass
@@ -44,9 +51,9 @@ class Row:
 
 
 class ReleaseStep(StepPlan):
-    """The step's compacted tables, built at the first layer's call (the
-    connector's metadata is bound just before the forward pass, after vLLM
-    built the attention metadata)."""
+    """The step's compacted tables. The builder makes it from vLLM's metadata;
+    the connector's worker half binds the step's true tables to it
+    (``bind``) before the forward pass."""
 
     def __init__(self, md, block_size: int) -> None:
         self.md = md
@@ -54,10 +61,15 @@ class ReleaseStep(StepPlan):
         self.rows: list[Row] | None = None
         self.table: torch.Tensor | None = None
         self.seq_lens: torch.Tensor | None = None
+        self.importance: Any = None  # release/importance.WorkerImportance
+        self.host_minmax: Callable | None = None  # release/host_tier.HostPages.minmax
 
-    def ensure(self, meta) -> None:
+    def bind(self, meta, importance=None, host_minmax: Callable | None = None) -> None:
+        """Compact the tables with the connector's ``AdoreMeta`` of this step
+        (once per step: the layers of a group share the plan)."""
         if self.rows is not None:
             return
+        self.importance, self.host_minmax = importance, host_minmax
         md, bs = self.md, self.block_size
         bt = md.block_table
         first_col = bt[:, 0].tolist()
@@ -65,7 +77,7 @@ class ReleaseStep(StepPlan):
         for r, q0, q1, ctx, seq_len in requests(md.query_start_loc_cpu, md.seq_lens_cpu):
             n = cdiv(seq_len, bs)
             first = first_col[r]
-            table = meta.tables.get(first) if meta is not None else None
+            table = meta.tables.get(first)
             ids = list(table[:n]) if table is not None else bt[r, :n].tolist()
             if len(ids) < n:
                 raise RuntimeError(f"release layer: request row {r} has {len(ids)} blocks for {seq_len} tokens")
@@ -74,9 +86,9 @@ class ReleaseStep(StepPlan):
                 raise RuntimeError(f"release layer: request row {r}'s last block was released")
             rows.append(Row(
                 r, q0, q1, ctx, seq_len,
-                req_id=meta.req_of.get(first) if meta is not None else None,
+                req_id=meta.req_of.get(first),
                 ids=[ids[j] for j in live], live=torch.tensor(live, dtype=torch.long),
-                host=list(meta.host_of.get(first, ())) if meta is not None else [],
+                host=list(meta.host_of.get(first, ())),
             ))
         width = max((len(x.ids) for x in rows), default=1)
         table = torch.zeros((bt.shape[0], max(width, 1)), dtype=bt.dtype)
@@ -106,23 +118,25 @@ class ReleaseTorch(Runner):
     def plan(self, md):
         return ReleaseStep(md, self.geometry.block_size)
 
-    def write(self, key, value, kv_cache, slot_mapping) -> None:
+    def write(self, key, value, kv_cache, slot_mapping, md) -> None:
         torch_paged.write_kv_cache(
-            key, value, *self.format.split(kv_cache), slot_mapping,
+            key, value, *self.format.views(kv_cache, self.geometry), slot_mapping,
             min_slot=self.geometry.null_slot_end,
         )
 
     def attend(self, query, key, value, kv_cache, md, scale, out) -> None:
-        from vllm_adaptive.importance.channel import current_worker
-
-        conn = current_worker()
         step: ReleaseStep = md.step
-        step.ensure(conn.current_meta() if conn is not None else None)
-        key_cache, value_cache = self.format.split(kv_cache)
+        if step.rows is None:
+            raise RuntimeError(
+                f"release layer {self.layer_name or self.layer_idx}: this step's block tables were "
+                "never bound (release layers need the AdoreConnector, which the start-up adds; "
+                "vLLM's own block table is stale once a block is released)"
+            )
+        key_cache, value_cache = self.format.views(kv_cache, self.geometry)
         torch_paged.paged_attention(
             query, key_cache, value_cache, step.table, md.query_start_loc, step.seq_lens,
             scale, out=out,
         )
-        if conn is not None:
-            conn.importance.observe(self.layer_name, self.layer_idx, step, query, value,
-                                    key_cache, scale, conn.host_minmax)
+        if step.importance is not None:
+            step.importance.observe(self.layer_name, self.layer_idx, step, query, value,
+                                    key_cache, scale, step.host_minmax)

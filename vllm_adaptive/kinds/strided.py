@@ -10,8 +10,8 @@ from __future__ import annotations
 from typing import Any
 
 from vllm_adaptive.errors import config_error
-from vllm_adaptive.pattern import SparsePattern
-from vllm_adaptive.patterns.sparse import SparseKind
+from vllm_adaptive.sparse_pattern import SparsePattern
+from vllm_adaptive.kinds.sparse import SparseKind
 
 
 class StridedKind(SparseKind):
