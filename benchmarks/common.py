@@ -159,8 +159,24 @@ def full_layers_of(amap) -> list[int] | None:
     return list(parse_config(amap, 30).full_layer_indices)
 
 
+def cpu_description() -> str:
+    """The CPU model and the vector ISA that decides vLLM's CPU kernels (and
+    whether stock fp8 KV runs): print it with every table."""
+    model, flags = platform.processor() or platform.machine(), set()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name") and ":" in line:
+                model = line.split(":", 1)[1].strip()
+            elif line.startswith("flags") and ":" in line:
+                flags = set(line.split(":", 1)[1].split())
+    except OSError:
+        pass
+    isa = [f for f in ("avx2", "avx512f", "avx512_bf16", "amx_tile", "amx_bf16") if f in flags]
+    return f"CPU: {model}, {os.cpu_count()} cores, ISA: {' '.join(isa) or 'no AVX2'}"
+
+
 def meta(command: list[str]) -> dict:
-    return {"machine": platform.processor() or platform.machine(), "cpus": os.cpu_count(),
+    return {"machine": platform.processor() or platform.machine(), "cpu": cpu_description(), "cpus": os.cpu_count(),
             "python": platform.python_version(), "command": " ".join(command),
             "date": time.strftime("%Y-%m-%d %H:%M:%S")}
 

@@ -7,7 +7,7 @@ KV pool is sized so the scheduler must preempt (``conftest.SERVED``). Then:
 
 * no failed request, and every answered one has exactly its ``max_tokens``
   tokens and the same greedy tokens (float32) as the same prompt served alone
-  afterwards, with the same logprobs within ``LOGPROB_TOL``; they may part
+  afterwards, with the same logprobs within ``LOGPROB_TOL`` (per server); they may part
   only on a near tie (``loadgen.follows``), where the batch's summation order
   decides;
 * preemption really happened (``vllm:num_preemptions``);
@@ -49,8 +49,16 @@ from vllm_adaptive.loadgen import (compare, largest_difference, make_requests, m
 pytestmark = pytest.mark.server
 
 SERVERS = ["longgen", "kivi8", "adore"]
-# How far a logprob may move between a request in a batch and alone: TBD
-LOGPROB_TOL = 0.05
+# How far a logprob may move between a request in a batch and alone (and how
+# close the two best tokens must be for the answers to part there).
+# Model-dtype layers (longgen; adore within its budget, where nothing is
+# released): float32 GEMMs summed in another order, measured 4.7e-5 largest
+# over the load; 100x that. kivi8: the same float32 difference flips an int8
+# code on a rounding boundary, moving a key by one quantization step: measured
+# 0.055 here (one CI run) and 0.039 under Ray (test_ray.py); about 3x the
+# largest, as test_ray.py. A request reading another's blocks moves them by
+# whole units.
+LOGPROB_TOL = {"longgen": 5e-3, "adore": 5e-3, "kivi8": 0.15}
 
 
 @pytest.fixture(scope="module")
@@ -83,7 +91,7 @@ def _beyond_budget(mix, tokenizer) -> set[int]:
 
 
 def test_every_answer_complete_and_equal_to_alone(loaded, mix, tokenizer):
-    problems = compare(mix, loaded["answers"], loaded["alone"], tie_tol=LOGPROB_TOL)
+    problems = compare(mix, loaded["answers"], loaded["alone"], tie_tol=LOGPROB_TOL[loaded["name"]])
     by_key = {r.idx: r.key for r in mix.requests}
     largest = max((largest_difference(loaded["alone"][by_key[a.idx]].steps, a.steps) for a in loaded["answers"]
                    if a.ok and a.mode in ("plain", "stream")), default=0.0)

@@ -179,3 +179,19 @@ def test_chat_with_bad_messages_gets_4xx(server):
     r = requests.post(server.base + "/v1/completions", json={"model": "smollm2", "prompt": "1, 2,", "max_tokens": 3,
                                                           "temperature": 0}, timeout=60)
     assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] == 3
+
+
+def test_long_context_eval_runs_against_the_endpoint(server, model_path):
+    """``benchmarks/longeval.py --base-url``: the eval's cases through the
+    OpenAI client, several in flight, come back in case order (each equal
+    to the same case sent alone: greedy, float32)."""
+    from transformers import AutoTokenizer
+
+    from vllm_adaptive import longeval
+
+    tok = AutoTokenizer.from_pretrained(model_path)
+    cases = longeval.make_cases(tok, ["niah_single", "qa"], [SERVED_MAX_LEN], seeds=[0], per_seed=2)
+    together = longeval.run_openai(server.base + "/v1", "smollm2", cases, concurrency=4)
+    alone = [longeval.run_openai(server.base + "/v1", "smollm2", [c], concurrency=1)[0] for c in cases]
+    assert together == alone
+    assert all(together), "an empty answer"
