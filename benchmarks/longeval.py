@@ -99,7 +99,11 @@ def tables(results: list[dict], tasks, lengths) -> str:
 
 
 def plot(results: list[dict], tasks, lengths, path: str) -> None:
-    import matplotlib
+    try:
+        import matplotlib
+    except ImportError:
+        print(f"no plot ({path}): matplotlib is not installed (pip install -e \".[bench]\")")
+        return
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -160,22 +164,30 @@ def main() -> None:
         outputs = longeval.run_openai(ns.base_url, ns.model, cases, ns.concurrency)
         results.append({"map": ns.name, "source": ns.base_url, "generate_s": round(time.time() - t0, 1),
                         "outputs": outputs})
-    else:
-        for m in (resolve_map(a) for a in ns.maps):
-            res = run_subprocess(__file__, {**settings, "map": m})
-            res["adaptive_attention"], res["source"] = m["adaptive_attention"], m["source"]
-            results.append(res)
-            print(f"{m['name']}: engine start {res['start_s']} s, generate {res['generate_s']} s", flush=True)
-    for res in results:
-        _score(res, cases)
+        _score(results[-1], cases)
+    kept = []
     if ns.merge and Path(ns.out).is_file():
         old = json.loads(Path(ns.out).read_text())
         if old["meta"]["settings"] != settings:
             sys.exit(f"--merge: {ns.out} was run with other settings: {old['meta']['settings']}")
+        kept = old["maps"]
+
+    def save() -> list[dict]:  # after every map: an hour-long run keeps what it finished
         names = {r["map"] for r in results}
-        results = [r for r in old["maps"] if r["map"] not in names] + results
-    doc = {"meta": {**meta(sys.argv), "cpu": cpu_description(), "settings": settings}, "maps": results}
-    write_doc(ns.out, doc)
+        every = [r for r in kept if r["map"] not in names] + results
+        write_doc(ns.out, {"meta": {**meta(sys.argv), "cpu": cpu_description(), "settings": settings},
+                           "maps": every})
+        return every
+
+    if not ns.base_url:
+        for m in (resolve_map(a) for a in ns.maps):
+            res = run_subprocess(__file__, {**settings, "map": m})
+            res["adaptive_attention"], res["source"] = m["adaptive_attention"], m["source"]
+            _score(res, cases)
+            results.append(res)
+            save()
+            print(f"{m['name']}: engine start {res['start_s']} s, generate {res['generate_s']} s", flush=True)
+    results = save()
     plot(results, ns.tasks, ns.lengths, str(Path(ns.out).with_suffix(".png")))
     print(cpu_description())
     print(tables(results, ns.tasks, ns.lengths))
