@@ -75,6 +75,18 @@ def _score(res: dict, cases: list) -> None:
     res["summary"] = longeval.summarize(cases, res["scores"])
 
 
+def _capacity(r: dict, stock: dict | None) -> float | None:
+    """vLLM's accounted capacity against stock bf16 (None when unknown)."""
+    cap = r.get("kv_cache_max_concurrency")
+    return None if cap is None or stock is None else cap / stock["kv_cache_max_concurrency"]
+
+
+def _over_tasks(r: dict, tasks, length: int) -> tuple[float, float]:
+    """(mean score, mean seed spread) over ``tasks`` at ``length``."""
+    cells = [r["summary"][f"{t}@{length}"] for t in tasks]
+    return (sum(c["score"] for c in cells) / len(cells), sum(c["seed_std"] for c in cells) / len(cells))
+
+
 def tables(results: list[dict], tasks, lengths) -> str:
     stock = next((r for r in results if r["map"] == "CPU_ATTN"), None)
     out = []
@@ -83,15 +95,10 @@ def tables(results: list[dict], tasks, lengths) -> str:
                 f"{results[0]['summary'][f'{tasks[0]}@{L}']['n']}):", "",
                 "| map | capacity | " + " | ".join(tasks) + " | mean |", "|---|---|" + "---|" * (len(tasks) + 1)]
         for r in results:
-            cap = r.get("kv_cache_max_concurrency")
-            if cap is None:
-                cap_s = "?"
-            elif stock is not None:
-                cap_s = f"{cap / stock['kv_cache_max_concurrency']:.2f}x"
-            else:
-                cap_s = f"{cap:.2f} req"
+            cap, rel = r.get("kv_cache_max_concurrency"), _capacity(r, stock)
+            cap_s = "?" if cap is None else f"{rel:.2f}x" if rel is not None else f"{cap:.2f} req"
             cells = [r["summary"][f"{t}@{L}"] for t in tasks]
-            mean = sum(c["score"] for c in cells) / len(cells)
+            mean = _over_tasks(r, tasks, L)[0]
             out.append(f"| {r['map']} | {cap_s} | " + " | ".join(f"{c['score']:.1f} ± {c['seed_std']:.1f}"
                                                              for c in cells) + f" | {mean:.1f} |")
         out.append("")
@@ -111,14 +118,9 @@ def plot(results: list[dict], tasks, lengths, path: str) -> None:
     fig, ax = plt.subplots(figsize=(7, 4.5))
     stock = next((r for r in results if r["map"] == "CPU_ATTN"), None)
     for r in results:
-        means, errs = [], []
-        for L in lengths:
-            cells = [r["summary"][f"{t}@{L}"] for t in tasks]
-            means.append(sum(c["score"] for c in cells) / len(cells))
-            errs.append(sum(c["seed_std"] for c in cells) / len(cells))
-        cap = r.get("kv_cache_max_concurrency")
-        label = r["map"] if cap is None or stock is None else \
-            f"{r['map']} ({cap / stock['kv_cache_max_concurrency']:.1f}x capacity)"
+        means, errs = zip(*(_over_tasks(r, tasks, L) for L in lengths))
+        rel = _capacity(r, stock)
+        label = r["map"] if rel is None else f"{r['map']} ({rel:.1f}x capacity)"
         ax.errorbar(lengths, means, yerr=errs, marker="o", capsize=3, label=label)
     ax.set_xscale("log", base=2)
     ax.set_xticks(lengths, [str(L) for L in lengths])

@@ -285,22 +285,20 @@ def _qa(counter: _Counter, budget: int, rng: random.Random):
     tail = "\n\nAnswer the question based on the given documents. Only give me the answer and do not output " \
            f"any other words.\n\nQuestion: {question.format(place=gold_place)} Answer:"
     text = _fill(counter, budget, _haystack_units(rng), _QA_TASK + "\n\n", tail, needles, depths)
-    body = text[len(_QA_TASK) + 2:len(text) - len(tail)]
-    parts = body.split("\n\n")
-    out = []
-    for j, part in enumerate(parts):
-        if part.startswith("@@") and part.endswith("@@"):
-            part = docs[int(part[2:-2])][2]
-        out.append(f"Document {j + 1}:\n{part}")
-    text = _QA_TASK + "\n\n" + "\n\n".join(out) + tail
+    parts = text[len(_QA_TASK) + 2:len(text) - len(tail)].split("\n\n")
+
+    def render(parts: list[str]) -> str:  # placeholders become the town documents; every part is numbered
+        out = [f"Document {j + 1}:\n{docs[int(p[2:-2])][2] if p.startswith('@@') else p}"
+               for j, p in enumerate(parts)]
+        return _QA_TASK + "\n\n" + "\n\n".join(out) + tail
+
+    text = render(parts)
     while counter.prompt(text) > budget:  # the document headers: drop prose documents from the end
         prose = [j for j, p in enumerate(parts) if not p.startswith("@@")]
         if not prose:
             break
         parts.pop(prose[-1])
-        out = [f"Document {j + 1}:\n{docs[int(p[2:-2])][2] if p.startswith('@@') else p}"
-               for j, p in enumerate(parts)]
-        text = _QA_TASK + "\n\n" + "\n\n".join(out) + tail
+        text = render(parts)
     return text, (gold_facts[name],), (depths[0],)
 
 
