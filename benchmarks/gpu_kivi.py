@@ -160,17 +160,24 @@ def main() -> int:
                         pg = int(bt[r, j + 1 + i])
                         views.residual[pg] = torch.randn(views.residual[pg].shape, device=dev).to(dtype)
                     ng_q = math.ceil(e / layout.group)
-                    nbytes += hkv * (e * layout.code_cols + n * layout.code_cols + 4 * n
-                                     + ng_q * 4 * d + (n - e) * d * layout.itemsize)
+                    # key codes (complete segments), value codes, value scales
+                    # per channel group, key scales per group, residual K and V
+                    nbytes += hkv * (e * layout.code_cols + e * layout.code_cols + 4 * e * layout.v_groups
+                                     + ng_q * 4 * d + 2 * (n - e) * d * layout.itemsize)
                 out = torch.empty_like(query)
-                kw = dict(max_query_len=1, num_splits=args.num_splits, tile_n=args.tile_n)
+                # the step's own token, in full precision (as the engine passes it)
+                fresh_k = torch.randn(batch, hkv, d, device=dev).to(dtype)
+                fresh_v = torch.randn(batch, hkv, d, device=dev).to(dtype)
+                kw = dict(max_query_len=1, num_splits=args.num_splits, tile_n=args.tile_n,
+                          key=fresh_k, value=fresh_v)
 
                 def run():
                     kivi_paged_attention(layout, cache, query, bt, qsl, seq_lens, scale, out, **kw)
 
                 run()
                 want = torch.empty_like(query, dtype=torch.float32)
-                kivi.attention(layout, views, query, bt, qsl.cpu(), seq_lens.cpu(), scale, want)
+                kivi.attention(layout, views, query, bt, qsl.cpu(), seq_lens.cpu(), scale, want,
+                               key=fresh_k, value=fresh_v)
                 err = (out.float() - want).abs().max().item()
                 t = bench(run)
                 rows.append({"block_size": bs, "context": ctx, "kind": f"int{bits}", "time_us": t * 1e6,

@@ -191,6 +191,8 @@ def test_kivi_presets_and_per_kind_formats():
     ({"preset": "kivi4", "kivi": {"group_size": 32, "residual": 48}}, 128, "kivi.residual: expected a multiple of group_size 32"),
     ({"preset": "kivi4", "kivi": {"residual": 256}}, 256, "kivi.residual: expected at most the model's length 128"),
     ({"kv_format": "int4"}, 128, "kv_format: expected one of ['model_dtype', 'kivi'], got 'int4'"),
+    ({"preset": "kivi4", "kivi": {"rotation": "hadamard"}}, 128, "kivi.rotation: expected one of ['none', 'v', 'kv'], got 'hadamard'"),
+    ({"preset": "kivi4", "kivi": {"value_group": 0}}, 128, "kivi.value_group: expected a positive int, or null for 32 (KIVI)"),
 ])
 def test_kivi_bad_values_name_the_key(raw, block_size, needle):
     with pytest.raises(AdaptiveConfigError) as e:

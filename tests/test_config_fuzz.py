@@ -70,7 +70,9 @@ ANY = st.fixed_dictionaries({}, optional={
                            st.dictionaries(st.sampled_from(KINDS), st.sampled_from(["model_dtype", "kivi", "int3"]),
                                            max_size=2), junk),
     "kivi": sub({"bits": st.one_of(st.sampled_from([8, 4, 2, 3, 16]), junk),
-                 "group_size": st.one_of(st.none(), ints, junk), "residual": st.one_of(st.none(), ints, junk)}),
+                 "group_size": st.one_of(st.none(), ints, junk), "residual": st.one_of(st.none(), ints, junk),
+                 "value_group": st.one_of(st.none(), ints, junk),
+                 "rotation": st.one_of(st.sampled_from(["none", "v", "kv", "k"]), junk)}),
     "sink_window": sub({"sink": ints, "window": ints, "block": ints}),
     "strided": sub({"sink": ints, "block": ints, "local_blocks": ints, "vert_stride": ints}),
     "release": sub({"budget": ints, "sink": ints, "recent": ints, "rebuild": ints, "host_tokens": ints,
@@ -123,6 +125,14 @@ def start_up(raw):
     return vc, plan_for(vc)
 
 
+def _full(vc):
+    """The embedded model's full-attention spec in this engine."""
+    from vllm.v1.kv_cache_interface import FullAttentionSpec
+
+    return FullAttentionSpec(block_size=vc.cache_config.block_size, num_kv_heads=3, head_size=64,
+                             dtype=vc.model_config.dtype)
+
+
 ACCEPTED: list[dict] = []
 SEEN = {"accepted": 0, "rejected": 0}
 
@@ -137,6 +147,9 @@ def test_fuzzed_configs_are_rejected_naming_a_key_or_accepted_whole(raw):
 
     try:
         vc, plan = start_up(raw)
+        # the worker's KV specs: the format's checks that need the head size
+        specs = [kv_spec_for_layer(f"model.layers.{lp.layer_idx}.self_attn.attn", _full(vc), vc)
+                 for lp in plan.layers]
     except ValueError as e:
         msg = str(e)
         SEEN["rejected"] += 1
@@ -153,12 +166,8 @@ def test_fuzzed_configs_are_rejected_naming_a_key_or_accepted_whole(raw):
         return
     SEEN["accepted"] += 1
     assert len(plan.layers) == 30 and all(lp.runner is not None for lp in plan.layers)
-    from vllm.v1.kv_cache_interface import FullAttentionSpec
-
-    full = FullAttentionSpec(block_size=vc.cache_config.block_size, num_kv_heads=3, head_size=64,
-                             dtype=vc.model_config.dtype)
-    for lp in plan.layers:
-        spec = kv_spec_for_layer(f"model.layers.{lp.layer_idx}.self_attn.attn", full, vc)
+    full = _full(vc)
+    for lp, spec in zip(plan.layers, specs):
         # Bound: a layer holds at most every token of max_model_len, in pages
         # no bigger than the model dtype's (packed formats are smaller), plus
         # its residual pages (KIVI's full-precision keys)

@@ -66,17 +66,17 @@ def _bytes_equal(a: torch.Tensor, b: torch.Tensor) -> None:
     assert diff.numel() == 0, f"{diff.shape[0]} page bytes differ, first at {diff[:4].tolist()}"
 
 
-WRITE_CFGS = [(32, 32, 32, 16), (32, 8, 16, 32), (16, 4, 16, 16)]
+WRITE_CFGS = [(32, 32, 32, 16, 8), (32, 8, 16, 32, 16), (16, 4, 16, 16, 16)]  # bs, G, R, D, value group
 
 
 # Interpreter time: each bits value and each config once here, the other
 # diagonal of bits x config in the fp32 test below; every attention test
 # byte-checks the write too, on further pairs.
-@pytest.mark.parametrize("bits,bs,group,residual,d", [(8, *WRITE_CFGS[0]), (4, *WRITE_CFGS[1]),
-                                                      (2, *WRITE_CFGS[2])])
+@pytest.mark.parametrize("bits,bs,group,residual,d,vgroup", [(8, *WRITE_CFGS[0]), (4, *WRITE_CFGS[1]),
+                                                             (2, *WRITE_CFGS[2])])
 @pytest.mark.parametrize("dtype", [torch.bfloat16])
-def test_write_bit_identical_to_torch(triton_interpret, bits, bs, group, residual, d, dtype):
-    layout = KiviLayout.of(KiviParams(bits, group, residual), bs, d, dtype)
+def test_write_bit_identical_to_torch(triton_interpret, bits, bs, group, residual, d, vgroup, dtype):
+    layout = KiviLayout.of(KiviParams(bits, group, residual, vgroup), bs, d, dtype)
     twin = Twin(layout, LENGTHS, 2, dtype, seed=bits * 7 + bs)
     for chunk in STEPS:
         twin.step(chunk)
@@ -91,27 +91,29 @@ def test_write_bit_identical_to_torch_fp32(triton_interpret, bits, cfg):
 def _attend(layout, twin, query, qsl, lens, scale, pattern, **kw):
     out = torch.full(query.shape, float("nan"), dtype=query.dtype, device=DEV)
     kivi_paged_attention(layout, twin.kv_triton, query.to(DEV), twin.block_table.to(DEV),
-                         qsl.to(DEV), lens.to(DEV), scale, out, pattern=pattern, **kw)
+                         qsl.to(DEV), lens.to(DEV), scale, out, pattern=pattern,
+                         key=twin.last_k.to(DEV), value=twin.last_v.to(DEV), **kw)
     return out.cpu()
 
 
 CASES = [
-    # bits, (bs, group, residual), head size, pattern, dtype. Each bits value;
-    # keys of a tile in one group and gathered per token, each dense and sparse;
-    # both block sizes and dtypes (block size 16 with gathered keys: decode tests).
-    (8, (32, 32, 32), 16, None, torch.float32),
-    (4, (32, 8, 16), 32, None, torch.float32),
-    (2, (32, 8, 16), 32, SINK_WINDOW, torch.bfloat16),
-    (8, (16, 16, 16), 16, SINK_WINDOW, torch.bfloat16),
+    # bits, (bs, group, residual, value group), head size, pattern, dtype. Each
+    # bits value; keys of a tile in one group and gathered per token, each
+    # dense and sparse; one and several value groups; both block sizes and
+    # dtypes (block size 16 with gathered keys: decode tests).
+    (8, (32, 32, 32, 16), 16, None, torch.float32),
+    (4, (32, 8, 16, 8), 32, None, torch.float32),
+    (2, (32, 8, 16, 16), 32, SINK_WINDOW, torch.bfloat16),
+    (8, (16, 16, 16, 4), 16, SINK_WINDOW, torch.bfloat16),
 ]
 
 
 @pytest.mark.parametrize("bits,cfg,d,pattern,dtype", CASES,
-                         ids=[f"int{c[0]}-bs{c[1][0]}g{c[1][1]}r{c[1][2]}-d{c[2]}-"
+                         ids=[f"int{c[0]}-bs{c[1][0]}g{c[1][1]}r{c[1][2]}vg{c[1][3]}-d{c[2]}-"
                               f"{'sw' if c[3] else 'dense'}-{str(c[4])[6:]}" for c in CASES])
 def test_attention_matches_torch_path(triton_interpret, bits, cfg, d, pattern, dtype):
-    bs, group, residual = cfg
-    layout = KiviLayout.of(KiviParams(bits, group, residual), bs, d, dtype)
+    bs, group, residual, vgroup = cfg
+    layout = KiviLayout.of(KiviParams(bits, group, residual, vgroup), bs, d, dtype)
     h_kv, h_q = 2, 4  # GQA 2
     twin = Twin(layout, LENGTHS, h_kv, dtype, seed=bits * 7 + bs)
     scale = d ** -0.5
@@ -125,7 +127,7 @@ def test_attention_matches_torch_path(triton_interpret, bits, cfg, d, pattern, d
         got = _attend(layout, twin, query, qsl, lens, scale, pattern, block_q=8)
         want = torch.zeros(query.shape, dtype=dtype)
         kivi.attention(layout, layout.views(twin.kv_cache), query, twin.block_table, qsl, lens,
-                       scale, want, pattern=pattern)
+                       scale, want, pattern=pattern, key=twin.last_k, value=twin.last_v)
         torch.testing.assert_close(got[:n].float(), want[:n].float(), atol=tol, rtol=tol)
         ref = _reference(twin, query[:n], qsl, lens, scale, pattern)
         torch.testing.assert_close(got[:n].float(), ref, atol=tol, rtol=tol)
@@ -159,7 +161,7 @@ def test_stale_bytes_are_masked(triton_interpret):
     qsl, lens = twin.step({0: 37})
     pages = layout.pages(twin.kv_triton)
     blk = int(twin.block_table[0, 2])
-    vs = pages[blk, 0, layout.v_scale_off : layout.k_scale_off].view(torch.float16).view(16, 2)
+    vs = pages[blk, 0, layout.v_scale_off : layout.k_scale_off].view(torch.float16).view(16, -1)
     vs[5:] = float("inf")  # slots 37.. of block 2
     query = torch.randn(37, 1, 16)
     got = _attend(layout, twin, query, qsl, lens, 0.25, None)

@@ -5,25 +5,36 @@ Layout and residual rules: ``vllm_adaptive/formats/kivi.py``. Everything here
 is vectorised over tokens, heads and blocks; Python loops run over requests
 only (host-side index plans).
 
+**Which tokens are read in full precision.** Position ``p`` of a request with
+``seq_len`` tokens, ``ctx`` of them cached before this step, is read from
+
+* the fresh key / value tensors of this step when ``p >= ctx`` (KIVI's
+  prefill attends in full precision; a decode step's own token too);
+* the residual pages when ``e <= p < ctx``, ``e = seq_len // R * R`` (the
+  open segment's older tokens);
+* the packed pages otherwise.
+
 **Attention without a dequantized cache.** For each request (each query tile
 of a prefill) the kernel gathers only its own blocks' bytes (for sparse
 layers, only the pattern's). Planar packing makes bit plane ``s`` the channel
 slice ``s*cc .. (s+1)*cc - 1``, so unpacking is a shift and a mask on uint8
 and never interleaves.
 
-* Decode (few queries): scales never multiply the codes,
+* Decode (few queries): the per-channel key scales never multiply the codes,
 
-      q . k = sum_c (q_c * s_gc) code_tc + sum_c q_c * m_gc     (keys, per channel)
-      sum_t p_t v_t = sum_t (p_t * s_t) code_t + sum_t p_t * m_t  (values, per token)
+      q . k = sum_c (q_c * s_gc) code_tc + sum_c q_c * m_gc
 
-  so they fold into the small query and probability tensors and each plane's
-  codes go straight into a matmul.
+  so they fold into the small query tensor and each plane's codes go
+  straight into a matmul; values are dequantized per (token, channel group).
 * Prefill tiles (many queries): the tile's blocks are dequantized (that
   request's visible blocks only, not the cache) and torch's fused SDPA runs
   on them; per-query folding would cost more than the keys themselves.
 
-The residual keys (model dtype) of the request's open segment replace their
-positions' keys. (A byte lookup table was 10x slower on CPU than bit ops.)
+(A byte lookup table was 10x slower on CPU than bit ops.)
+
+**Rotation** (``layout.rotation``): :func:`hadamard` / :func:`rotate`; the
+runners rotate keys / values before the write and the query / output around
+attention (``runners/kivi_torch.py``), so the kernels never know.
 """
 
 from __future__ import annotations
@@ -86,6 +97,31 @@ def dequantize(codes: torch.Tensor, scale: torch.Tensor, mn: torch.Tensor) -> to
     return codes.float() * scale.float() + mn.float()
 
 
+_HADAMARD: dict[tuple[int, str], torch.Tensor] = {}
+
+
+def hadamard(d: int, device) -> torch.Tensor:
+    """The orthonormal Sylvester-Hadamard matrix ``[d, d]`` float32 (``d`` a
+    power of two). Symmetric and its own inverse: ``H @ H = I``."""
+    if d < 1 or d & (d - 1):
+        raise ValueError(f"Hadamard transform: the size must be a power of two, got {d}")
+    key = (d, str(device))
+    if key not in _HADAMARD:
+        h = torch.ones(1, 1)
+        while h.shape[0] < d:
+            h = torch.cat([torch.cat([h, h], 1), torch.cat([h, -h], 1)], 0)
+        _HADAMARD[key] = (h / d**0.5).to(device)
+    return _HADAMARD[key]
+
+
+def rotate(x: torch.Tensor, out_dtype: torch.dtype | None = None) -> torch.Tensor:
+    """``x @ H`` over the last dim, computed in float32, returned in
+    ``out_dtype`` (default ``x``'s). Applying it twice gives ``x`` back up to
+    rounding."""
+    h = hadamard(x.shape[-1], x.device)
+    return torch.matmul(x.float(), h).to(out_dtype or x.dtype)
+
+
 # ----------------------------------------------------------------- write plan
 
 
@@ -94,12 +130,10 @@ class WritePlan:
     """Host-built indices of one step's cache write (same for every layer).
 
     ``seg_*``: segments that complete this step, ``[n_seg, residual]`` token
-    sources into ``cat(new keys, old residual keys)``; their block id and
-    first row. ``old_*``: where the old residual keys sit (page, row).
+    sources into ``cat(new tokens, old residual tokens)``; their block id and
+    first row. ``old_*``: where the old residual tokens sit (page, row).
     ``res_*``: new tokens of open segments -> (residual page, row)."""
 
-    rows: torch.Tensor  # [n] new-token rows written (slot >= 0)
-    slots: torch.Tensor  # [n] their slots
     seg_src: torch.Tensor  # [n_seg, residual] long into cat(new, old)
     seg_block: torch.Tensor  # [n_seg] long physical block
     seg_row: torch.Tensor  # [n_seg] long first row in the block
@@ -128,8 +162,6 @@ def plan_write(
 ) -> WritePlan:
     """Index work on the host, vectorised per request (loops over requests only)."""
     R, bs = layout.residual, layout.block_size
-    slots = slot_mapping[:num_tokens].long()
-    rows = torch.nonzero(slots >= 0).flatten()
     bt_cpu = block_table.cpu()
     parts: dict[str, list[torch.Tensor]] = {k: [] for k in (
         "seg_src", "seg_block", "seg_row", "old_page", "old_row", "res_rows", "res_page", "res_row")}
@@ -168,7 +200,6 @@ def plan_write(
         return (torch.cat(xs) if xs else torch.empty(shape, dtype=torch.long)).to(dev)
 
     return WritePlan(
-        rows=rows, slots=slots[rows],
         seg_src=cat("seg_src", (0, R)), seg_block=cat("seg_block"), seg_row=cat("seg_row"),
         old_page=cat("old_page"), old_row=cat("old_row"),
         res_rows=cat("res_rows"), res_page=cat("res_page"), res_row=cat("res_row"),
@@ -182,43 +213,42 @@ def write(
     key: torch.Tensor,  # [num_tokens, H, D]
     value: torch.Tensor,  # [num_tokens, H, D]
 ) -> None:
-    bs, R, G, bits = layout.block_size, layout.residual, layout.group, layout.bits
+    R, G, bits = layout.residual, layout.group, layout.bits
     n_tok, H, D = key.shape
-    # The old residual keys first: their pages are the blocks this step's
-    # tokens (values, completed key segments) are about to fill.
+    dt = views.residual.dtype
+    # The old residual tokens first: their pages are the blocks this step's
+    # completed segments are about to fill.
     n_seg = plan.seg_src.shape[0]
-    old = views.residual[plan.old_page, :, plan.old_row] if n_seg else None  # [n_old, H, D]
-    # values: per token, at once
-    if plan.rows.numel():
-        v = value[plan.rows]
-        codes, scale, mn = quantize(v, bits, dim=-1)  # [n, H, D], [n, H, 1]
-        blk, off = plan.slots // bs, plan.slots % bs
-        views.v_codes[blk, :, off] = pack(codes, bits)
-        views.v_scale[blk, :, off] = torch.cat([scale, mn], dim=-1)
-    # keys of completed segments: per channel, group by group
     if n_seg:
-        src = torch.cat([key.to(old.dtype), old], dim=0)
-        seg = src[plan.seg_src]  # [n_seg, R, H, D]
-        seg = seg.reshape(n_seg, R // G, G, H, D)
-        codes, scale, mn = quantize(seg, bits, dim=2)  # codes [n_seg, R/G, G, H, D]
+        old = views.residual[plan.old_page, :, plan.old_row]  # [n_old, H, 2, D]
         tok = plan.seg_row[:, None] + torch.arange(R, device=key.device)[None, :]  # [n_seg, R]
         blk = plan.seg_block[:, None].expand(-1, R)
-        packed = pack(codes.reshape(n_seg, R, H, D), bits)  # [n_seg, R, H, cc]
-        views.k_codes[blk, :, tok] = packed
+        # keys of completed segments: per channel, group by group
+        seg = torch.cat([key.to(dt), old[:, :, 0]], dim=0)[plan.seg_src]  # [n_seg, R, H, D]
+        codes, scale, mn = quantize(seg.reshape(n_seg, R // G, G, H, D), bits, dim=2)
+        views.k_codes[blk, :, tok] = pack(codes.reshape(n_seg, R, H, D), bits)  # [n_seg, R, H, cc]
         g = plan.seg_row[:, None] // G + torch.arange(R // G, device=key.device)[None, :]
         sm = torch.cat([scale, mn], dim=2)  # [n_seg, R/G, 2, H, D]
         views.k_scale[plan.seg_block[:, None].expand(-1, R // G), :, g] = sm.permute(0, 1, 3, 2, 4)
+        # values of completed segments: per token, channel group by group
+        seg = torch.cat([value.to(dt), old[:, :, 1]], dim=0)[plan.seg_src]  # [n_seg, R, H, D]
+        vg = D // layout.v_groups
+        codes, scale, mn = quantize(seg.reshape(n_seg, R, H, layout.v_groups, vg), bits, dim=-1)
+        views.v_codes[blk, :, tok] = pack(codes.reshape(n_seg, R, H, D), bits)
+        views.v_scale[blk, :, tok] = torch.cat([scale, mn], dim=-1)  # [n_seg, R, H, nvg, 2]
     if plan.res_rows.numel():
-        views.residual[plan.res_page, :, plan.res_row] = key[plan.res_rows].to(views.residual.dtype)
+        kv = torch.stack([key[plan.res_rows], value[plan.res_rows]], dim=-2)  # [n_res, H, 2, D]
+        views.residual[plan.res_page, :, plan.res_row] = kv.to(dt)
 
 
 # ------------------------------------------------------------------ attention
 
 
-def _residual_keys(
+def _residual(
     layout: KiviLayout, views: KiviViews, table_row: torch.Tensor, seq_len: int
 ) -> tuple[int, torch.Tensor | None]:
-    """(first position, [H, n, D] keys) of the request's open segment."""
+    """(first position e, ``[H, n, 2, D]`` keys / values) of the request's
+    open segment, ``n = seq_len - e``; None when it is empty."""
     e = seq_len // layout.residual * layout.residual
     n = seq_len - e
     if n == 0:
@@ -226,9 +256,44 @@ def _residual_keys(
     tpp = layout.residual_tokens_per_page
     j = e // layout.block_size
     pages = table_row[j + 1 : j + 1 + -(-n // tpp)].long()
-    res = views.residual[pages]  # [np, H, tpp, D]
-    h, d = res.shape[1], res.shape[3]
-    return e, res.transpose(0, 1).reshape(h, -1, d)[:, :n]
+    res = views.residual[pages]  # [np, H, tpp, 2, D]
+    h, d = res.shape[1], res.shape[-1]
+    return e, res.transpose(0, 1).reshape(h, -1, 2, d)[:, :n]
+
+
+def full_precision_kv(
+    layout: KiviLayout,
+    views: KiviViews,
+    table_row: torch.Tensor,
+    seq_len: int,
+    fresh: tuple[torch.Tensor, torch.Tensor] | None = None,
+) -> tuple[int, torch.Tensor | None, torch.Tensor | None]:
+    """(f0, keys, values ``[H, seq_len - f0, D]`` float32): the positions
+    ``f0 .. seq_len - 1`` a request reads in full precision (module
+    docstring). ``fresh``: this step's keys and values ``[H, n_new, D]``,
+    positions ``seq_len - n_new ..``."""
+    e, res = _residual(layout, views, table_row, seq_len)
+    ctx = seq_len - (fresh[0].shape[1] if fresh is not None else 0)
+    f0 = min(e, ctx)
+    ks, vs = [], []
+    if res is not None and ctx > e:
+        ks.append(res[:, : ctx - e, 0].float())
+        vs.append(res[:, : ctx - e, 1].float())
+    if fresh is not None:
+        ks.append(fresh[0].float())
+        vs.append(fresh[1].float())
+    if not ks or f0 == seq_len:
+        return seq_len, None, None
+    return f0, torch.cat(ks, dim=1), torch.cat(vs, dim=1)
+
+
+def _dequantized_values(layout: KiviLayout, views: KiviViews, phys: torch.Tensor) -> torch.Tensor:
+    """``[nb, H, bs, D]`` float32 values of the pages ``phys``."""
+    vs = views.v_scale[phys].float()  # [nb, H, bs, nvg, 2]
+    nb, h, bs, nvg, _ = vs.shape
+    d = layout.head_size
+    v = unpack(views.v_codes[phys], layout.bits).float().reshape(nb, h, bs, nvg, d // nvg)
+    return v.mul_(vs[..., 0:1]).add_(vs[..., 1:2]).reshape(nb, h, bs, d)
 
 
 def attend_request(
@@ -241,9 +306,11 @@ def attend_request(
     scale: float,
     pattern: SparsePattern | None = None,
     q_end: int | None = None,  # the queries are positions q_end - Q .. q_end - 1
+    fresh: tuple[torch.Tensor, torch.Tensor] | None = None,  # this step's [H, n_new, D] keys, values
 ) -> torch.Tensor:
     """Attention of one request's queries over the packed keys / values of
-    ``blocks`` (plus its residual keys); ``[H_q, Q, D]`` float32."""
+    ``blocks``, the full-precision positions (:func:`full_precision_kv`)
+    taking their place; ``[H_q, Q, D]`` float32."""
     q_end = seq_len if q_end is None else q_end
     bs, G, bits = layout.block_size, layout.group, layout.bits
     Hq, Q, D = q.shape
@@ -252,9 +319,6 @@ def attend_request(
     grp = Hq // Hk
     nb = phys.numel()
     ng, cc = bs // G, layout.code_cols
-    # Planar packing: bit-plane s of the gathered bytes holds channels
-    # s*cc .. (s+1)*cc-1, so each plane is one matmul on a channel slice and
-    # nothing is interleaved (bit ops on uint8, then one float conversion).
     kb = views.k_codes[phys]  # [nb, Hk, bs, cc] uint8
     ks = views.k_scale[phys].float()  # [nb, Hk, ng, 2, D]
     qf = q.float().reshape(Hk, grp * Q, D)  # [Hk, gQ, D]
@@ -263,51 +327,41 @@ def attend_request(
     vis = (kpos[None, :] <= qpos[:, None]) & (kpos < seq_len)[None, :]
     if pattern is not None:
         vis = vis & pattern.visible(qpos[:, None], kpos[None, :])
-    e, res = _residual_keys(layout, views, table_row, seq_len)
+    f0, fk, fv = full_precision_kv(layout, views, table_row, seq_len, fresh)
+    packed = (kpos < f0)[None, :, None]  # stale slots / full-precision positions: never read
+    full_idx = torch.nonzero((kpos >= f0) & (kpos < seq_len)).flatten()
+    full_src = kpos[full_idx] - f0
+    # values: dequantized per (token, channel group), full precision where due
+    v = _dequantized_values(layout, views, phys).transpose(0, 1).reshape(Hk, nb * bs, D)
+    v = torch.where(packed, v, 0.0)
+    if fv is not None:
+        v[:, full_idx] = fv[:, full_src]
     if grp * Q * ng > G:
-        # Many queries (a prefill tile): dequantize the keys and values of
-        # these blocks only (this request's pattern, up to the tile's end)
-        # and run torch's fused SDPA, which beats scores-by-hand on CPU.
+        # Many queries (a prefill tile): dequantize the keys of these blocks
+        # only (this request's pattern, up to the tile's end) and run torch's
+        # fused SDPA, which beats scores-by-hand on CPU.
         k = unpack(kb, bits).float().reshape(nb, Hk, ng, G, D)
         k = k.mul_(ks[:, :, :, None, 0]).add_(ks[:, :, :, None, 1])
-        k = k.reshape(nb, Hk, bs, D).transpose(0, 1).reshape(Hk, nb * bs, D)
-        if res is not None:
-            idx = torch.nonzero((kpos >= e) & (kpos < seq_len)).flatten()
-            k[:, idx] = res.float()[:, kpos[idx] - e]
-        vs = views.v_scale[phys].float()  # [nb, Hk, bs, 2]
-        v = unpack(views.v_codes[phys], bits).float().mul_(vs[..., 0:1]).add_(vs[..., 1:2])
-        v = torch.where((kpos < seq_len).reshape(nb, 1, bs, 1), v, 0.0)  # stale slots: no NaN
-        v = v.transpose(0, 1).reshape(Hk, nb * bs, D)
-        k = torch.where((kpos < seq_len)[None, :, None], k, 0.0)
-        out = F.scaled_dot_product_attention(
+        k = torch.where(packed, k.reshape(nb, Hk, bs, D).transpose(0, 1).reshape(Hk, nb * bs, D), 0.0)
+        if fk is not None:
+            k[:, full_idx] = fk[:, full_src]
+        return F.scaled_dot_product_attention(
             q.float(), k, v, attn_mask=vis, scale=scale, enable_gqa=grp > 1
         )
-        return out
-    else:
-        # few queries (decode): the per-channel scales fold into the query
-        qs = qf[None, :, None] * ks[:, :, :, None, 0]  # [nb, Hk, ng, gQ, D]
-        scores = (qf[None, :, None] * ks[:, :, :, None, 1]).sum(-1, keepdim=True)  # [nb, Hk, ng, gQ, 1]
-        for s_, plane in enumerate(planes(kb, bits)):
-            kc = plane.float().reshape(nb, Hk, ng, G, cc)
-            scores = scores + torch.matmul(qs[..., s_ * cc:(s_ + 1) * cc], kc.transpose(-1, -2))
-        scores = scores.permute(1, 3, 0, 2, 4).reshape(Hk, grp * Q, nb * bs)
-    if res is not None:
-        # the open segment's positions e .. seq_len-1 take full-precision keys
-        sel = (kpos >= e) & (kpos < seq_len)
-        idx = torch.nonzero(sel).flatten()
-        rs = torch.matmul(q.float().reshape(Hk, grp * Q, D), res.float().transpose(-1, -2))
-        scores[:, :, idx] = rs[:, :, kpos[idx] - e]
+    # few queries (decode): the per-channel scales fold into the query
+    qs = qf[None, :, None] * ks[:, :, :, None, 0]  # [nb, Hk, ng, gQ, D]
+    scores = (qf[None, :, None] * ks[:, :, :, None, 1]).sum(-1, keepdim=True)  # [nb, Hk, ng, gQ, 1]
+    for s_, plane in enumerate(planes(kb, bits)):
+        kc = plane.float().reshape(nb, Hk, ng, G, cc)
+        scores = scores + torch.matmul(qs[..., s_ * cc:(s_ + 1) * cc], kc.transpose(-1, -2))
+    scores = scores.permute(1, 3, 0, 2, 4).reshape(Hk, grp * Q, nb * bs)
+    if fk is not None:
+        scores[:, :, full_idx] = torch.matmul(qf, fk.transpose(-1, -2))[:, :, full_src]
     # where(), not an additive bias: slots past the request's tokens hold
     # stale bytes, whose float16 scales may be inf or NaN
     scores = torch.where(vis, scores.reshape(Hk, grp, Q, -1) * scale, float("-inf"))
     probs = torch.softmax(scores, dim=-1).reshape(Hk, grp * Q, nb * bs)
-    # values: out = (p * s_t) @ codes + p @ m_t, one matmul per block
-    vs = views.v_scale[phys].float().permute(1, 0, 2, 3).reshape(Hk, nb * bs, 2)
-    vs = torch.where((kpos < seq_len)[None, :, None], vs, 0.0)
-    ps = (probs * vs[:, None, :, 0]).reshape(Hk, grp * Q, nb, bs).permute(2, 0, 1, 3)  # [nb, Hk, gQ, bs]
-    out = torch.cat([torch.matmul(ps, plane.float()).sum(0) for plane in planes(views.v_codes[phys], bits)], -1)
-    out = out + torch.matmul(probs, vs[:, :, 1:2])  # [Hk, gQ, D]
-    return out.reshape(Hq, Q, D)
+    return torch.matmul(probs, v).reshape(Hq, Q, D)
 
 
 def needed_block_indices(
@@ -332,18 +386,25 @@ def attention(
     out: torch.Tensor,
     pattern: SparsePattern | None = None,
     q_tile: int = 512,
+    key: torch.Tensor | None = None,  # [num_tokens, H_kv, D] this step's keys (full precision)
+    value: torch.Tensor | None = None,  # [num_tokens, H_kv, D]
 ) -> torch.Tensor:
-    """Every request's queries over the packed cache (written first)."""
+    """Every request's queries over the packed cache (written first); with
+    ``key`` / ``value``, this step's tokens are read from them instead."""
     bs = layout.block_size
     for req in requests(query_start_loc_cpu, seq_lens_cpu):
         row = block_table[req.index]
+        fresh = None
+        if key is not None:
+            fresh = (key[req.q0:req.q1].transpose(0, 1), value[req.q0:req.q1].transpose(0, 1))
         for t0 in range(req.q0, req.q1, q_tile):
             t1 = min(req.q1, t0 + q_tile)
             hi = req.seq_len - (req.q1 - t1)  # keys visible to this tile end at hi
             lo = hi - (t1 - t0)
             blocks = needed_block_indices(pattern, bs, lo, hi, query.device)
             q = query[t0:t1].transpose(0, 1)
-            o = attend_request(layout, views, q, row, blocks, req.seq_len, scale, pattern, q_end=hi)
+            o = attend_request(layout, views, q, row, blocks, req.seq_len, scale, pattern, q_end=hi,
+                               fresh=fresh)
             out[t0:t1] = o.transpose(0, 1).to(out.dtype)
     return out
 
@@ -355,7 +416,7 @@ def dequantized_kv(
     layout: KiviLayout, views: KiviViews, table_row: torch.Tensor, seq_len: int
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """What the cache holds for one request, dequantized: ``[H, seq_len, D]``
-    keys (residual keys in full precision) and values, float32. For tests."""
+    keys and values (the open segment's in full precision), float32. For tests."""
     bs, G, bits = layout.block_size, layout.group, layout.bits
     n = -(-seq_len // bs)
     phys = table_row[:n].long()
@@ -363,13 +424,12 @@ def dequantized_kv(
     ks = views.k_scale[phys].float()  # [n, H, ng, 2, D]
     ks = ks.repeat_interleave(G, dim=2)  # [n, H, bs, 2, D]
     k = kc * ks[..., 0, :] + ks[..., 1, :]
-    vc = unpack(views.v_codes[phys], bits).float()
-    vs = views.v_scale[phys].float()
-    v = vc * vs[..., 0:1] + vs[..., 1:2]
+    v = _dequantized_values(layout, views, phys)
     H, D = k.shape[1], k.shape[3]
     k = k.transpose(0, 1).reshape(H, -1, D)[:, :seq_len].clone()
-    v = v.transpose(0, 1).reshape(H, -1, D)[:, :seq_len]
-    e, res = _residual_keys(layout, views, table_row, seq_len)
+    v = v.transpose(0, 1).reshape(H, -1, D)[:, :seq_len].clone()
+    e, res = _residual(layout, views, table_row, seq_len)
     if res is not None:
-        k[:, e:seq_len] = res.float()
+        k[:, e:seq_len] = res[:, :, 0].float()
+        v[:, e:seq_len] = res[:, :, 1].float()
     return k, v

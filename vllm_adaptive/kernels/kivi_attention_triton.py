@@ -27,12 +27,14 @@ by ``_kivi_merge_kernel``. The program walks the request's keys in tiles of
 page):
 
 - keys: codes ``*`` per-channel scale ``+`` min of their group (a ``[DP]``
-  vector when the tile lies in one group, else a per-token gather), positions
-  ``< e = seq_len // R * R`` only; positions ``e .. seq_len - 1`` (the open
-  residual segment) take the full-precision keys of the residual pages
-  (block-table entry ``e // bs + 1 + i // tpp``, row ``i % tpp``);
-- values: per-token scale folded into the probabilities,
-  ``p @ v = (p * s_t) @ codes + (p @ m_t)``;
+  vector when the tile lies in one group, else a per-token gather), values:
+  codes ``*`` scale ``+`` min of their (token, channel group), positions
+  ``< f0 = min(e, context_len)`` only (``e = seq_len // R * R``);
+- full precision (``kernels/kivi.py``'s rule): positions ``>= context_len``
+  (this step's tokens) from the fresh ``key`` / ``value`` tensors, positions
+  ``e .. context_len - 1`` (the open segment's older tokens) from the
+  residual pages (block-table entry ``e // bs + 1 + i // tpp``, row ``i %
+  tpp``, key then value);
 - masks: causal, ``pos < seq_len`` and the LongGen pattern's predicate
   (``triton_common.pattern_visible``), all by ``tl.where`` on masked loads:
   slots past the request's tokens hold stale bytes (NaN / inf scales
@@ -70,8 +72,10 @@ def _kivi_attn_kernel(
     l_part_ptr,  # [num_tokens, num_heads, NUM_SPLITS] fp32
     acc_part_ptr,  # [num_tokens, num_heads, NUM_SPLITS, DP] fp32, padded-planar order
     q_ptr,  # [num_tokens, num_heads, head_size]
+    key_ptr,  # [num_tokens, num_kv_heads, head_size] this step's keys
+    value_ptr,  # [num_tokens, num_kv_heads, head_size] this step's values
     pages_ptr,  # [num_blocks, num_kv_heads, page_bytes] uint8 (strided)
-    res_ptr,  # the same cache in the model dtype (residual keys)
+    res_ptr,  # the same cache in the model dtype (residual tokens)
     block_table_ptr,  # [num_reqs, width]
     query_start_loc_ptr,  # [num_reqs + 1]
     seq_lens_ptr,  # [num_reqs]
@@ -80,6 +84,8 @@ def _kivi_attn_kernel(
     num_heads,
     scale,
     stride_q_tok, stride_q_head,
+    stride_k_tok, stride_k_head,
+    stride_v_tok, stride_v_head,
     stride_o_tok, stride_o_head,
     stride_pg_blk, stride_pg_head,  # bytes
     stride_res_blk, stride_res_head,  # model-dtype elements
@@ -99,7 +105,9 @@ def _kivi_attn_kernel(
     BLOCK_SIZE: tl.constexpr,  # cache page size (tokens)
     GROUP: tl.constexpr,  # key quantization group (tokens)
     RESIDUAL: tl.constexpr,  # residual segment (tokens)
-    TPP: tl.constexpr,  # residual keys per residual page
+    TPP: tl.constexpr,  # residual tokens per residual page
+    V_GROUP: tl.constexpr,  # channels per value scale
+    NVG: tl.constexpr,  # value scales per token
     V_CODES_OFF: tl.constexpr,
     V_SCALE_OFF: tl.constexpr,
     K_SCALE_OFF: tl.constexpr,
@@ -155,8 +163,9 @@ def _kivi_attn_kernel(
         if SPARSE:
             lo_tile = local_span_start(first_pos, WINDOW, PBLOCK, LOCAL_BLOCKS) // TILE_N
 
-        # Open residual segment: positions e .. seq_len - 1.
+        # Open residual segment: positions e .. seq_len - 1; full precision from f0.
         e = seq_len // RESIDUAL * RESIDUAL
+        f0 = tl.minimum(e, context_len)
         res_entry = e // BLOCK_SIZE + 1
         bt_row = block_table_ptr + req.to(tl.int64) * stride_bt
         head_off = kv_head.to(tl.int64) * stride_pg_head
@@ -176,7 +185,7 @@ def _kivi_attn_kernel(
                 pos = pos0 + offs_n  # [TILE_N]
                 row = pos0 % BLOCK_SIZE + offs_n  # row within the page
                 valid = pos < seq_len
-                quant = pos < e  # keys quantized in the page
+                quant = pos < f0  # read from the packed page
                 page = tl.load(bt_row + pos0 // BLOCK_SIZE).to(tl.int64)
                 base = pages_ptr + page * stride_pg_blk + head_off
 
@@ -188,7 +197,7 @@ def _kivi_attn_kernel(
                 ks_ptr = (base + K_SCALE_OFF).to(tl.pointer_type(tl.float16))
                 if GROUP % TILE_N == 0:  # the tile lies in one group
                     gofs = (pos0 % BLOCK_SIZE) // GROUP * (2 * HEAD_SIZE)
-                    kq = (pos0 + 0 * chan) < e  # [DP]: the interpreter rejects scalar masks
+                    kq = (pos0 + 0 * chan) < f0  # [DP]: the interpreter rejects scalar masks
                     ksc = tl.load(ks_ptr + gofs + chan, mask=x_ok & kq, other=0.0).to(tl.float32)
                     kmn = tl.load(ks_ptr + gofs + HEAD_SIZE + chan, mask=x_ok & kq,
                                   other=0.0).to(tl.float32)
@@ -200,16 +209,38 @@ def _kivi_attn_kernel(
                     kmn = tl.load(ks_ptr + gofs + HEAD_SIZE, mask=kmask, other=0.0).to(tl.float32)
                     k = kc * ksc + kmn
                 k = tl.where(quant[:, None], k, 0.0)
-                if (pos0 + TILE_N > e) & (pos0 < seq_len):  # residual keys, model dtype
-                    is_res = (pos >= e) & valid
+                # ---- values: codes * scale + min of their (token, channel group)
+                vb = tl.load(base + V_CODES_OFF + row[:, None] * CC + jb[None, :],
+                             mask=quant[:, None] & jb_ok[None, :], other=0).to(tl.int32)
+                vc = tl.reshape((vb[:, None, :] >> shifts[None, :, None]) & CODE_MASK,
+                                [TILE_N, DP]).to(tl.float32)
+                vs_ptr = (base + V_SCALE_OFF).to(tl.pointer_type(tl.float16))
+                vofs = (row * (2 * NVG))[:, None] + ((chan // V_GROUP) * 2)[None, :]
+                vmask = quant[:, None] & x_ok[None, :]
+                vsc = tl.load(vs_ptr + vofs, mask=vmask, other=0.0).to(tl.float32)
+                vmn = tl.load(vs_ptr + vofs + 1, mask=vmask, other=0.0).to(tl.float32)
+                v = tl.where(vmask, vc * vsc + vmn, 0.0)
+                if (pos0 + TILE_N > f0) & (pos0 < seq_len):
+                    # full precision: the open segment's older tokens (residual
+                    # pages), this step's tokens (fresh tensors)
+                    is_res = (pos >= e) & (pos < context_len) & valid
                     i = tl.where(is_res, pos - e, 0)
                     rpage = tl.load(bt_row + res_entry + i // TPP, mask=is_res, other=0).to(tl.int64)
-                    rk = tl.load(
-                        res_ptr + rpage[:, None] * stride_res_blk + res_head_off
-                        + ((i % TPP) * HEAD_SIZE)[:, None] + chan[None, :],
-                        mask=is_res[:, None] & x_ok[None, :], other=0.0,
-                    ).to(tl.float32)
-                    k = tl.where(is_res[:, None], rk, k)
+                    rbase = (res_ptr + rpage[:, None] * stride_res_blk + res_head_off
+                             + ((i % TPP) * (2 * HEAD_SIZE))[:, None] + chan[None, :])
+                    rmask = is_res[:, None] & x_ok[None, :]
+                    k = tl.where(is_res[:, None], tl.load(rbase, mask=rmask, other=0.0).to(tl.float32), k)
+                    v = tl.where(is_res[:, None],
+                                 tl.load(rbase + HEAD_SIZE, mask=rmask, other=0.0).to(tl.float32), v)
+                    is_new = (pos >= context_len) & valid
+                    frow = (q_start + tl.where(is_new, pos - context_len, 0)).to(tl.int64)
+                    fmask = is_new[:, None] & x_ok[None, :]
+                    fk = tl.load(key_ptr + frow[:, None] * stride_k_tok + kv_head * stride_k_head
+                                 + chan[None, :], mask=fmask, other=0.0).to(tl.float32)
+                    fv = tl.load(value_ptr + frow[:, None] * stride_v_tok + kv_head * stride_v_head
+                                 + chan[None, :], mask=fmask, other=0.0).to(tl.float32)
+                    k = tl.where(is_new[:, None], fk, k)
+                    v = tl.where(is_new[:, None], fv, v)
 
                 if USE_DOT:
                     if FP32_DOT:
@@ -229,22 +260,13 @@ def _kivi_attn_kernel(
                 visible = visible & row_ok[:, None] & valid[None, :]
                 p, alpha, m_i, l_i = softmax_step(s, visible, m_i, l_i)
 
-                # ---- values: per-token scale / min folded into p
-                vb = tl.load(base + V_CODES_OFF + row[:, None] * CC + jb[None, :],
-                             mask=valid[:, None] & jb_ok[None, :], other=0).to(tl.int32)
-                vc = tl.reshape((vb[:, None, :] >> shifts[None, :, None]) & CODE_MASK, [TILE_N, DP])
-                vs_ptr = (base + V_SCALE_OFF).to(tl.pointer_type(tl.float16))
-                vsc = tl.load(vs_ptr + row * 2, mask=valid, other=0.0).to(tl.float32)
-                vmn = tl.load(vs_ptr + row * 2 + 1, mask=valid, other=0.0).to(tl.float32)
-                ps = p * vsc[None, :]
                 if USE_DOT:
                     if FP32_DOT:
-                        pv = tl.dot(ps, vc.to(tl.float32), input_precision="ieee")
-                    else:  # codes are exact in bf16 (<= 255)
-                        pv = tl.dot(ps.to(tl.bfloat16), vc.to(tl.bfloat16))
+                        pv = tl.dot(p, v, input_precision="ieee")
+                    else:
+                        pv = tl.dot(p.to(q.dtype), v.to(q.dtype))
                 else:
-                    pv = tl.sum(ps[:, :, None] * vc.to(tl.float32)[None, :, :], axis=1)
-                pv = pv + tl.sum(p * vmn[None, :], axis=1)[:, None]
+                    pv = tl.sum(p[:, :, None] * v[None, :, :], axis=1)
                 acc = acc * alpha[:, None] + pv
             tt += 1
 
@@ -320,15 +342,18 @@ def kivi_paged_attention(
     out: torch.Tensor,  # [num_tokens, H_q, D]
     pattern: SparsePattern | None = None,
     *,
+    key: torch.Tensor | None = None,  # [num_tokens, H_kv, D] this step's keys (full precision)
+    value: torch.Tensor | None = None,  # [num_tokens, H_kv, D]
     max_query_len: int | None = None,
     num_splits: int | None = None,
     block_q: int | None = None,
     tile_n: int | None = None,
 ) -> torch.Tensor:
     """Every request's queries over its packed KIVI pages (written first, as
-    ``kernels.kivi.attention`` expects); equals that function up to float
-    rounding. ``max_query_len`` (host int; computed with one sync if None)
-    picks decode tiling and split-KV (``num_splits``, a power of two)."""
+    ``kernels.kivi.attention`` expects), this step's tokens read from ``key``
+    / ``value``; equals that function up to float rounding.
+    ``max_query_len`` (host int; computed with one sync if None) picks decode
+    tiling and split-KV (``num_splits``, a power of two)."""
     num_tokens, num_heads, head_size = query.shape
     num_reqs = seq_lens.shape[0]
     num_kv_heads = kv_cache.shape[1]
@@ -338,6 +363,8 @@ def kivi_paged_attention(
     pages = layout.pages(kv_cache)
     if num_reqs == 0 or num_tokens == 0:
         return out
+    if key is None or value is None:
+        raise ValueError("kivi Triton attention reads this step's tokens from key and value: both are required")
     if max_query_len is None:
         max_query_len = int((query_start_loc[1:] - query_start_loc[:-1]).max())
     group = num_heads // num_kv_heads
@@ -379,9 +406,11 @@ def kivi_paged_attention(
     sp = pattern or SparsePattern(window=1)
     kernel = _triton.jit(_kivi_attn_kernel)
     kernel[grid](
-        out, m, l, acc, query, pages, kv_cache, block_table, query_start_loc, seq_lens, cu_qtiles,
+        out, m, l, acc, query, key, value, pages, kv_cache, block_table, query_start_loc, seq_lens, cu_qtiles,
         num_reqs, num_heads, float(scale),
         query.stride(0), query.stride(1),
+        key.stride(0), key.stride(1),
+        value.stride(0), value.stride(1),
         out.stride(0), out.stride(1),
         pages.stride(0), pages.stride(1),
         kv_cache.stride(0), kv_cache.stride(1),
@@ -392,7 +421,7 @@ def kivi_paged_attention(
         QUERIES_PER_KV=group, GROUP_PAD=group_pad, HEAD_SIZE=head_size,
         BITS=layout.bits, CC=cc, CC_PAD=cc_pad,
         BLOCK_SIZE=layout.block_size, GROUP=layout.group, RESIDUAL=layout.residual,
-        TPP=layout.residual_tokens_per_page,
+        TPP=layout.residual_tokens_per_page, V_GROUP=head_size // layout.v_groups, NVG=layout.v_groups,
         V_CODES_OFF=layout.v_codes_off, V_SCALE_OFF=layout.v_scale_off, K_SCALE_OFF=layout.k_scale_off,
         TILE_N=tn, BLOCK_Q=block_q, BLOCK_M=block_m, NUM_SPLITS=num_splits,
         USE_DOT=use_dot,

@@ -23,17 +23,17 @@ class KiviTriton(KiviTorch):
             return f"block size {block_size}: the kivi Triton kernels need a power of two >= 16"
         return None
 
-    def write(self, key, value, kv_cache, slot_mapping, md) -> None:
-        if md is None:  # profiling / warm-up: the write plan needs the step's tables
-            return
-        n = md.num_actual_tokens
-        kivi_write(self.layout, kv_cache, md.step.write, key[:n], value[:n])
+    def write_rotated(self, key, value, kv_cache, md) -> None:
+        kivi_write(self.layout, kv_cache, md.step.write, key, value)
 
     def attend(self, query, key, value, kv_cache, md, scale, out) -> None:
-        kivi_paged_attention(
-            self.layout, kv_cache, query, md.block_table, md.query_start_loc, md.seq_lens,
-            scale, out, pattern=self.params, max_query_len=md.max_query_len,
-        )
+        def run(q, k, v, o):
+            kivi_paged_attention(
+                self.layout, kv_cache, q, md.block_table, md.query_start_loc, md.seq_lens,
+                scale, o, pattern=self.params, max_query_len=md.max_query_len, key=k, value=v,
+            )
+
+        self.rotated_attention(run, query, key, value, out)
 
 
 class DenseKiviTriton(KiviTriton):
