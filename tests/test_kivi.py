@@ -78,15 +78,12 @@ class Paged:
     def step(self, chunks: dict[int, int]):
         """Write ``chunks[r]`` new tokens of each request; returns the step's
         (query_start_loc, seq_lens)."""
-        bs = self.layout.block_size
-        keys, vals, qsl, lens, slots = [], [], [0], [], []
+        keys, vals, qsl, lens = [], [], [0], []
         for r in range(len(self.keys)):
             n = chunks.get(r, 0)
             a = self.done[r]
             keys.append(self.keys[r][a : a + n])
             vals.append(self.values[r][a : a + n])
-            pos = torch.arange(a, a + n)
-            slots.append(self.block_table[r, pos // bs].long() * bs + pos % bs)
             qsl.append(qsl[-1] + n)
             lens.append(a + n)
             self.done[r] += n
@@ -98,8 +95,7 @@ class Paged:
         k, v = kv[:, 0], kv[:, 1]
         self.last_k, self.last_v = k[:n_tok], v[:n_tok]  # this step's fresh tokens
         qsl_t, lens_t = torch.tensor(qsl, dtype=torch.int32), torch.tensor(lens, dtype=torch.int32)
-        slot_mapping = torch.cat(slots + [torch.full((3,), -1)])  # padding rows
-        plan = kivi.plan_write(self.layout, self.block_table, qsl_t, lens_t, slot_mapping, n_tok)
+        plan = kivi.plan_write(self.layout, self.block_table, qsl_t, lens_t, n_tok)
         self.write(plan, k[:n_tok], v[:n_tok])
         return qsl_t, lens_t
 

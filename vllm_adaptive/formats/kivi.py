@@ -96,6 +96,10 @@ class KiviParams:
         rot = "" if self.rotation == "none" else f" rot-{self.rotation}"
         return f"int{self.bits} g{g} r{r} vg{vg}{rot}"
 
+    def on_block(self, block_size: int) -> tuple[int, int]:
+        """(key group, residual) on this block size, ``null`` resolved."""
+        return self.group_size or math.gcd(KIVI_GROUP, block_size), self.residual or block_size
+
 
 KEY_FIELD = {"group_size": "group", "residual": "residual", "value_group": "value_group"}
 
@@ -119,16 +123,17 @@ class KiviLayout:
     block_size: int
     head_size: int
     itemsize: int  # bytes of the model dtype (residual keys / values)
-    value_group: int = 0  # channels per value scale; 0 = the head size
+    value_group: int  # channels per value scale
     rotation: str = "none"
 
     @classmethod
     def of(cls, params: KiviParams, block_size: int, head_size: int, dtype: torch.dtype) -> "KiviLayout":
         itemsize = torch.empty((), dtype=dtype).element_size()
+        group, residual = params.on_block(block_size)
         return cls(
             bits=params.bits,
-            group=params.group_size or math.gcd(KIVI_GROUP, block_size),
-            residual=params.residual or block_size,
+            group=group,
+            residual=residual,
             block_size=block_size,
             head_size=head_size,
             itemsize=itemsize,
@@ -146,9 +151,8 @@ class KiviLayout:
         if bad:
             key, allowed = bad
             return f"{key} {getattr(self, KEY_FIELD[key])}: expected {allowed}"
-        vg = self.value_group or self.head_size
-        if self.head_size % vg:
-            return f"value_group {vg}: expected a divisor of the head size {self.head_size}"
+        if self.head_size % self.value_group:
+            return f"value_group {self.value_group}: expected a divisor of the head size {self.head_size}"
         if self.rotation not in ROTATIONS:
             return f"rotation {self.rotation!r}: expected one of {list(ROTATIONS)}"
         if self.rotation != "none" and self.head_size & (self.head_size - 1):
@@ -171,7 +175,7 @@ class KiviLayout:
     @property
     def v_groups(self) -> int:
         """Value scales per token (channel groups)."""
-        return self.head_size // (self.value_group or self.head_size)
+        return self.head_size // self.value_group
 
     @property
     def v_codes_off(self) -> int:
@@ -279,8 +283,7 @@ class KiviFormat(KVFormat):
         return params.describe()
 
     def check_engine(self, params: KiviParams, block_size: int, max_model_len: int) -> None:
-        g = params.group_size or math.gcd(KIVI_GROUP, block_size)
-        r = params.residual or block_size
+        g, r = params.on_block(block_size)
         bad = params_problem(g, r, block_size)
         if bad:
             key, allowed = bad

@@ -157,7 +157,6 @@ def plan_write(
     block_table: torch.Tensor,  # [num_reqs, width]
     query_start_loc_cpu: torch.Tensor,
     seq_lens_cpu: torch.Tensor,
-    slot_mapping: torch.Tensor,  # [num_tokens]
     num_tokens: int,
 ) -> WritePlan:
     """Index work on the host, vectorised per request (loops over requests only)."""
@@ -193,7 +192,7 @@ def plan_write(
             parts["res_rows"].append(q0 + t - ctx)
             parts["res_page"].append(page)
             parts["res_row"].append(row)
-    dev = slot_mapping.device
+    dev = block_table.device
 
     def cat(k: str, shape=(0,)) -> torch.Tensor:
         xs = parts[k]
@@ -232,8 +231,7 @@ def write(
         views.k_scale[plan.seg_block[:, None].expand(-1, R // G), :, g] = sm.permute(0, 1, 3, 2, 4)
         # values of completed segments: per token, channel group by group
         seg = torch.cat([value.to(dt), old[:, :, 1]], dim=0)[plan.seg_src]  # [n_seg, R, H, D]
-        vg = D // layout.v_groups
-        codes, scale, mn = quantize(seg.reshape(n_seg, R, H, layout.v_groups, vg), bits, dim=-1)
+        codes, scale, mn = quantize(seg.reshape(n_seg, R, H, layout.v_groups, layout.value_group), bits, dim=-1)
         views.v_codes[blk, :, tok] = pack(codes.reshape(n_seg, R, H, D), bits)
         views.v_scale[blk, :, tok] = torch.cat([scale, mn], dim=-1)  # [n_seg, R, H, nvg, 2]
     if plan.res_rows.numel():
@@ -306,11 +304,12 @@ def attend_request(
     scale: float,
     pattern: SparsePattern | None = None,
     q_end: int | None = None,  # the queries are positions q_end - Q .. q_end - 1
-    fresh: tuple[torch.Tensor, torch.Tensor] | None = None,  # this step's [H, n_new, D] keys, values
+    *,
+    full: tuple[int, torch.Tensor | None, torch.Tensor | None],
 ) -> torch.Tensor:
     """Attention of one request's queries over the packed keys / values of
-    ``blocks``, the full-precision positions (:func:`full_precision_kv`)
-    taking their place; ``[H_q, Q, D]`` float32."""
+    ``blocks``, the full-precision positions ``full`` (:func:`full_precision_kv`,
+    made once per request) taking their place; ``[H_q, Q, D]`` float32."""
     q_end = seq_len if q_end is None else q_end
     bs, G, bits = layout.block_size, layout.group, layout.bits
     Hq, Q, D = q.shape
@@ -327,7 +326,7 @@ def attend_request(
     vis = (kpos[None, :] <= qpos[:, None]) & (kpos < seq_len)[None, :]
     if pattern is not None:
         vis = vis & pattern.visible(qpos[:, None], kpos[None, :])
-    f0, fk, fv = full_precision_kv(layout, views, table_row, seq_len, fresh)
+    f0, fk, fv = full
     packed = (kpos < f0)[None, :, None]  # stale slots / full-precision positions: never read
     full_idx = torch.nonzero((kpos >= f0) & (kpos < seq_len)).flatten()
     full_src = kpos[full_idx] - f0
@@ -397,6 +396,7 @@ def attention(
         fresh = None
         if key is not None:
             fresh = (key[req.q0:req.q1].transpose(0, 1), value[req.q0:req.q1].transpose(0, 1))
+        full = full_precision_kv(layout, views, row, req.seq_len, fresh)  # every tile reads it
         for t0 in range(req.q0, req.q1, q_tile):
             t1 = min(req.q1, t0 + q_tile)
             hi = req.seq_len - (req.q1 - t1)  # keys visible to this tile end at hi
@@ -404,7 +404,7 @@ def attention(
             blocks = needed_block_indices(pattern, bs, lo, hi, query.device)
             q = query[t0:t1].transpose(0, 1)
             o = attend_request(layout, views, q, row, blocks, req.seq_len, scale, pattern, q_end=hi,
-                               fresh=fresh)
+                               full=full)
             out[t0:t1] = o.transpose(0, 1).to(out.dtype)
     return out
 

@@ -342,8 +342,8 @@ def kivi_paged_attention(
     out: torch.Tensor,  # [num_tokens, H_q, D]
     pattern: SparsePattern | None = None,
     *,
-    key: torch.Tensor | None = None,  # [num_tokens, H_kv, D] this step's keys (full precision)
-    value: torch.Tensor | None = None,  # [num_tokens, H_kv, D]
+    key: torch.Tensor,  # [num_tokens, H_kv, D] this step's keys (full precision)
+    value: torch.Tensor,  # [num_tokens, H_kv, D]
     max_query_len: int | None = None,
     num_splits: int | None = None,
     block_q: int | None = None,
@@ -363,8 +363,6 @@ def kivi_paged_attention(
     pages = layout.pages(kv_cache)
     if num_reqs == 0 or num_tokens == 0:
         return out
-    if key is None or value is None:
-        raise ValueError("kivi Triton attention reads this step's tokens from key and value: both are required")
     if max_query_len is None:
         max_query_len = int((query_start_loc[1:] - query_start_loc[:-1]).max())
     group = num_heads // num_kv_heads
@@ -421,7 +419,7 @@ def kivi_paged_attention(
         QUERIES_PER_KV=group, GROUP_PAD=group_pad, HEAD_SIZE=head_size,
         BITS=layout.bits, CC=cc, CC_PAD=cc_pad,
         BLOCK_SIZE=layout.block_size, GROUP=layout.group, RESIDUAL=layout.residual,
-        TPP=layout.residual_tokens_per_page, V_GROUP=head_size // layout.v_groups, NVG=layout.v_groups,
+        TPP=layout.residual_tokens_per_page, V_GROUP=layout.value_group, NVG=layout.v_groups,
         V_CODES_OFF=layout.v_codes_off, V_SCALE_OFF=layout.v_scale_off, K_SCALE_OFF=layout.k_scale_off,
         TILE_N=tn, BLOCK_Q=block_q, BLOCK_M=block_m, NUM_SPLITS=num_splits,
         USE_DOT=use_dot,

@@ -190,6 +190,6 @@ def kivi_write(
         kv_cache.stride(0), kv_cache.stride(1),
         HEAD_SIZE=D, BITS=layout.bits, CC=cc, CC_PAD=cc_pad,
         BLOCK_SIZE=layout.block_size, GROUP=layout.group, G_PAD=_triton.next_pow2(layout.group),
-        RESIDUAL=layout.residual, V_GROUP=D // layout.v_groups, NVG=layout.v_groups,
+        RESIDUAL=layout.residual, V_GROUP=layout.value_group, NVG=layout.v_groups,
         V_CODES_OFF=layout.v_codes_off, V_SCALE_OFF=layout.v_scale_off, K_SCALE_OFF=layout.k_scale_off,
     )

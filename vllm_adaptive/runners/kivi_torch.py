@@ -43,8 +43,7 @@ class KiviTorch(Runner):
 
     def plan(self, md):
         return KiviStep(kivi.plan_write(
-            self.layout, md.block_table, md.query_start_loc_cpu, md.seq_lens_cpu,
-            md.slot_mapping, md.num_actual_tokens,
+            self.layout, md.block_table, md.query_start_loc_cpu, md.seq_lens_cpu, md.num_actual_tokens,
         ))
 
     def rotated(self, query, key, value):
